@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` and `make test` (README.md).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-all bench clean
+
+install: $(STAMP)
+
+# torch first, from the pinned release, so that no second multi-GB build is pulled;
+# then the package with its test + validation extras.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/nwbflow demo
+
+test: install
+	$(BIN)/python -m pytest -m "not slow and not gpu"
+
+test-all: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) nwbflow-demo .pytest_cache

@@ -1,0 +1,136 @@
+"""``nwbflow`` command line: run, synth, demo.
+
+Exit codes (a contract): 0 success, 2 bad input (one line naming file,
+object and fix; a traceback only with ``--debug``), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from nwbflow import __version__
+from nwbflow.errors import BadInputError
+from nwbflow.params import STAGE_ORDER
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.debug and args.command in ("run", "demo"):
+        _hide_tracebacks()
+    try:
+        return args.handler(args)
+    except BadInputError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"nwbflow: bad input: {exc.one_line()}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("nwbflow: interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:  # the CLI boundary: every other failure is exit code 1
+        if args.debug:
+            traceback.print_exc()
+        print(f"nwbflow: failed: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser = argparse.ArgumentParser(prog="nwbflow", parents=[common],
+                                     description="Process NWB sessions with Prefect flows.")
+    parser.add_argument("--version", action="version", version=f"nwbflow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", parents=[common], help="process one NWB session",
+                         description="Run the process_session flow on IN.nwb and write OUT.nwb.")
+    run.add_argument("input", metavar="IN.nwb", help="input NWB file (opened read-only)")
+    run.add_argument("-o", "--output", metavar="OUT.nwb", required=True, help="processed NWB file to write")
+    run.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGE_ORDER)} "
+                                      "(default: every built stage that applies)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="compute device (default auto)")
+    run.add_argument("--params", metavar="PARAMS.json|yaml", help="stage parameters file")
+    run.add_argument("--workdir", metavar="DIR", help="work directory for artifacts "
+                                                      "(default: OUT's directory/.nwbflow-work)")
+    run.set_defaults(handler=_run)
+
+    synth = sub.add_parser("synth", parents=[common], help="write a synthetic NWB session with ground truth",
+                           description="Write a seeded synthetic session; ground truth goes to sidecars.")
+    synth.add_argument("output", metavar="OUT.nwb")
+    synth.add_argument("--duration-s", type=float, default=30.0, help="recording duration (s)")
+    synth.add_argument("--num-channels", type=int, default=32)
+    synth.add_argument("--num-units", type=int, default=10)
+    synth.add_argument("--num-rois", type=int, default=20)
+    synth.add_argument("--drift", action="store_true", help="add probe drift")
+    synth.add_argument("--no-ephys", action="store_true", help="leave out the ElectricalSeries")
+    synth.add_argument("--no-ophys", action="store_true", help="leave out the calcium imaging data")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--overwrite", action="store_true", help="replace OUT.nwb and its sidecars if present")
+    synth.set_defaults(handler=_synth)
+
+    demo = sub.add_parser("demo", parents=[common], help="synthesize a session, process it, print a report",
+                          description="Build a small synthetic session, run process_session on CPU on the "
+                                      "embedded Prefect server, validate the output, print stage timings.")
+    demo.add_argument("--out-dir", default="nwbflow-demo", help="where the demo files go")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from nwbflow.flows.session import process_session
+    from nwbflow.params import load_session_params
+    from nwbflow.report import stage_table
+    from nwbflow.tasks.plan import check_input
+
+    stages = None if args.stages is None else [s.strip() for s in args.stages.split(",") if s.strip()]
+    params = load_session_params(args.params, stages=stages, device=args.device)
+    input_path = Path(args.input)
+    check_input(input_path, params)  # bad input fails here, before Prefect starts
+    summary = process_session(str(input_path), args.output, params, args.workdir)
+    print(stage_table(summary))
+    return EXIT_OK
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from nwbflow.synth import SynthConfig, write_synthetic_session
+
+    config = SynthConfig(duration_s=args.duration_s, num_channels=args.num_channels, num_units=args.num_units,
+                         num_rois=args.num_rois, drift=args.drift, ephys=not args.no_ephys,
+                         ophys=not args.no_ophys, seed=args.seed)
+    write_synthetic_session(args.output, config, overwrite=args.overwrite)
+    print(f"wrote {args.output} (ground truth in sidecar files beside it)")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from nwbflow.demo import run_demo
+
+    return EXIT_OK if run_demo(Path(args.out_dir)) else EXIT_FAILURE
+
+
+class _DropTraceback(logging.Filter):
+    """Keep the message of a logged failure, drop its traceback (shown with --debug)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _hide_tracebacks() -> None:
+    import prefect  # noqa: F401  (configures Prefect's handlers, which we then filter)
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_DropTraceback())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

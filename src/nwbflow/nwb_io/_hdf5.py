@@ -1,0 +1,324 @@
+"""Low-level HDF5 helpers behind :mod:`nwbflow.nwb_io.read`.
+
+Everything here works on the raw HDF5 layout of NWB 2.x files (schema 2.0b to
+2.11, any writer: pynwb, MatNWB, NeuroConv, AllenSDK, C++ writers), never on
+pynwb objects, so files that pynwb cannot read still open. Files are opened
+read-only and nothing is ever written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import yaml
+
+from nwbflow.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+#: Core types whose ancestry is known even when a file caches no specification.
+CORE_PARENTS = {
+    "ElectricalSeries": "TimeSeries",
+    "SpikeEventSeries": "ElectricalSeries",
+    "RoiResponseSeries": "TimeSeries",
+    "TimeSeries": "NWBDataInterface",
+}
+
+CONVERT_FIX = "re-export the file with a current NWB writer (pynwb, NeuroConv, MatNWB)"
+CORRUPT_FIX = ("re-copy or re-download the file, comparing its size and checksum with the "
+               "source")
+
+
+def text(value) -> str:
+    """Decode an HDF5 string value (bytes, numpy bytes, 1-element array) to ``str``."""
+    if isinstance(value, np.ndarray):
+        value = value.reshape(-1)[0] if value.size == 1 else value.tolist()
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
+
+
+def attr_text(obj: h5py.HLObject, name: str, default: str = "") -> str:
+    """The attribute ``name`` of ``obj`` as text, or ``default`` when absent."""
+    return text(obj.attrs[name]) if name in obj.attrs else default
+
+
+def attr_float(obj: h5py.HLObject, name: str, default: float) -> float:
+    """Scalar numeric attribute ``name`` of ``obj``: ``default`` if absent, NaN if not a number."""
+    if name not in obj.attrs:
+        return default
+    try:
+        return float(np.asarray(obj.attrs[name], dtype=np.float64).reshape(-1)[0])
+    except (TypeError, ValueError, IndexError):
+        return float("nan")
+
+
+def has_hdf5_signature(path: Path) -> bool:
+    """Whether the HDF5 signature sits at offset 0, 512, 1024, 2048, ... of ``path``."""
+    size = path.stat().st_size
+    offset = 0
+    with path.open("rb") as handle:
+        while offset + len(HDF5_SIGNATURE) <= size:
+            handle.seek(offset)
+            if handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                return True
+            offset = 512 if offset == 0 else offset * 2
+    return False
+
+
+def open_hdf5(path: Path) -> h5py.File:
+    """Open ``path`` read-only (no file locking) or raise BadInputError saying why not."""
+    if not path.exists():
+        raise BadInputError("file not found", path=path,
+                            fix="check the path (and that the data volume is mounted)")
+    if path.is_dir():
+        raise BadInputError("is a directory, not an NWB HDF5 file (NWB Zarr stores are not "
+                            "supported)", path=path,
+                            fix="pass the .nwb file itself, or convert a Zarr store to HDF5")
+    if not path.is_file():
+        raise BadInputError("not a regular file", path=path, fix="pass an NWB HDF5 (.nwb) file")
+    try:
+        return _open_read_only(path)
+    except PermissionError as exc:
+        raise BadInputError(f"cannot be read ({exc.strerror or exc})", path=path,
+                            fix="give this user read permission on the file") from exc
+    except OSError as exc:
+        if not has_hdf5_signature(path):
+            raise BadInputError("not an HDF5 file (no HDF5 signature), so not an NWB 2 file",
+                                path=path, fix="pass an NWB 2.x HDF5 file") from exc
+        raise BadInputError(f"HDF5 file is truncated or corrupt and cannot be opened ({exc})",
+                            path=path, fix=CORRUPT_FIX) from exc
+
+
+def _open_read_only(path: Path) -> h5py.File:
+    """``h5py.File(path, "r", locking=False)``; if this process already holds the file open
+    with HDF5's default locking (e.g. SpikeInterface's NWB extractor), HDF5 refuses a second
+    handle with other locking flags, so reopen read-only with the default flags instead."""
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        if "locking flag" not in str(exc):
+            raise
+        log.debug("%s is already open in this process with file locking; reusing its flags", path)
+        return h5py.File(path, "r")
+
+
+def nwb_version_of(h5file: h5py.File, path: Path) -> str:
+    """The NWB version of an open file; BadInputError if it is not an NWB 2.x file."""
+    version = attr_text(h5file, "nwb_version")
+    if not version and isinstance(h5file.get("nwb_version"), h5py.Dataset):
+        version = text(h5file["nwb_version"][()])
+    root_type = attr_text(h5file, "neurodata_type")
+    if version.upper().startswith("NWB-1") or version.startswith("1."):
+        raise BadInputError(f"NWB 1.x file (nwb_version {version!r}); only NWB 2.x is read",
+                            path=path, fix="convert the file to NWB 2 (e.g. with NeuroConv)")
+    if root_type != "NWBFile" and not (version.startswith("2") and "identifier" in h5file):
+        found = root_type or "no neurodata_type"
+        raise BadInputError(f"HDF5 file but not an NWB file (root is {found!r}, no NWBFile)",
+                            path=path, fix="pass an NWB 2.x file written by pynwb, MatNWB "
+                                           "or NeuroConv")
+    return version or "unknown"
+
+
+class TypeTree:
+    """Which neurodata type extends which, from the specs cached in the file.
+
+    Types are matched by name; the core ancestry of the types nwbflow reads is
+    built in, so files without cached specifications still resolve.
+    """
+
+    def __init__(self, parents: dict[str, str]):
+        self.parents = {**CORE_PARENTS, **parents}
+
+    @classmethod
+    def from_file(cls, h5file: h5py.File) -> TypeTree:
+        """Collect ``type_def -> type_inc`` from every cached specification source."""
+        parents: dict[str, str] = {}
+        specs = h5file.get("specifications")
+        if not isinstance(specs, h5py.Group):
+            return cls(parents)
+        for namespace in specs.values():
+            for version in namespace.values() if isinstance(namespace, h5py.Group) else ():
+                for source in version.values() if isinstance(version, h5py.Group) else ():
+                    _collect_parents(_parse_spec(source), parents)
+        return cls(parents)
+
+    def is_a(self, type_name: str, base: str) -> bool:
+        """Whether ``type_name`` is ``base`` or (transitively) extends it."""
+        seen = set()
+        while type_name and type_name not in seen:
+            if type_name == base:
+                return True
+            seen.add(type_name)
+            type_name = self.parents.get(type_name, "")
+        return False
+
+
+def _parse_spec(source: h5py.HLObject) -> object:
+    """Parse one cached spec source (JSON, or YAML from some older writers)."""
+    if not isinstance(source, h5py.Dataset):
+        return None
+    raw = text(source[()])
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            log.warning("Ignoring unreadable cached specification %s: %s", source.name, exc)
+            return None
+
+
+def _collect_parents(spec: object, parents: dict[str, str]) -> None:
+    """Walk a parsed spec, recording every (nested) type definition's parent."""
+    if isinstance(spec, list):
+        for item in spec:
+            _collect_parents(item, parents)
+    elif isinstance(spec, dict):
+        name = spec.get("neurodata_type_def") or spec.get("data_type_def")
+        parent = spec.get("neurodata_type_inc") or spec.get("data_type_inc")
+        if isinstance(name, str) and isinstance(parent, str):
+            parents.setdefault(name, parent)
+        for key in ("groups", "datasets"):
+            _collect_parents(spec.get(key), parents)
+
+
+def typed_groups(h5file: h5py.File, path: Path) -> dict[str, str]:
+    """Every group carrying ``neurodata_type``: object path (no leading '/') -> type."""
+    found: dict[str, str] = {}
+
+    def visit(name: str, obj: h5py.HLObject) -> None:
+        if isinstance(obj, h5py.Group) and "neurodata_type" in obj.attrs:
+            found[name] = attr_text(obj, "neurodata_type")
+
+    try:
+        h5file.visititems(visit)
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise BadInputError(f"HDF5 structure is corrupt and cannot be listed ({exc})",
+                            path=path, fix=CORRUPT_FIX) from exc
+    return found
+
+
+def region_indices(group: h5py.Group, name: str, *, path: Path, obj: str,
+                   default_table: str | None) -> tuple[np.ndarray, h5py.HLObject]:
+    """Read a DynamicTableRegion: (row indices int64, the table it points into).
+
+    Raises BadInputError when the region is missing, not 1-D integers, or has
+    indices outside ``[0, rows)`` of its table (e.g. 1-based MATLAB writers).
+    """
+    where = f"{obj}/{name}"
+    if not isinstance(group.get(name), h5py.Dataset):
+        raise BadInputError(f"has no '{name}' region", path=path, obj=obj,
+                            fix="write the DynamicTableRegion that names the series' table rows")
+    dataset = group[name]
+    if h5py.check_dtype(ref=dataset.dtype) is not None:
+        raise BadInputError("region is stored as HDF5 references (pre-release NWB 2.0 layout), "
+                            "not row indices", path=path, obj=where, fix=CONVERT_FIX)
+    values = np.asarray(dataset[()]).reshape(-1)
+    indices = _as_int_indices(values, path=path, obj=where)
+    table = _region_table(dataset, group.file, path=path, obj=where, default=default_table)
+    rows = table_rows(table, path=path)
+    bad = (indices < 0) | (indices >= rows)
+    if bad.any():
+        one_based = indices.size and indices.min() >= 1 and indices.max() == rows
+        hint = (" They look 1-based (MATLAB style)" if one_based else "")
+        raise BadInputError(
+            f"region indices {indices[bad][:5].tolist()} are outside the {rows} rows of "
+            f"{table.name.lstrip('/')} (valid: 0..{rows - 1}).{hint}", path=path, obj=where,
+            fix="write 0-based row indices into the table (subtract 1 from 1-based ones)")
+    return indices, table
+
+
+def _as_int_indices(values: np.ndarray, *, path: Path, obj: str) -> np.ndarray:
+    """Region values as int64; whole-number floats (some MATLAB writers) are accepted."""
+    if np.issubdtype(values.dtype, np.integer):
+        return values.astype(np.int64)
+    if np.issubdtype(values.dtype, np.floating) and np.all(np.isfinite(values)) \
+            and np.all(values == np.round(values)):
+        log.warning("%s: %s holds whole-number floats; reading them as row indices", path, obj)
+        return values.astype(np.int64)
+    raise BadInputError(f"region must hold integer row indices, found dtype {values.dtype}",
+                        path=path, obj=obj, fix="write the region as integer row indices")
+
+
+def _region_table(dataset: h5py.Dataset, h5file: h5py.File, *, path: Path, obj: str,
+                  default: str | None) -> h5py.HLObject:
+    """The table a region points to: its ``table`` reference, else the default path."""
+    ref = dataset.attrs.get("table")
+    if isinstance(ref, h5py.Reference) and ref:
+        try:
+            return h5file[ref]
+        except (ValueError, KeyError) as exc:
+            raise BadInputError(f"the region's 'table' reference is broken ({exc})",
+                                path=path, obj=obj, fix=CONVERT_FIX) from exc
+    if default and default in h5file:
+        return h5file[default]
+    raise BadInputError(f"region has no 'table' reference (and no {default or 'default'})",
+                        path=path, obj=obj, fix=CONVERT_FIX)
+
+
+def table_rows(table: h5py.HLObject, *, path: Path) -> int:
+    """Number of rows of a DynamicTable group (its ``id``) or of a compound dataset."""
+    if isinstance(table, h5py.Dataset):
+        return int(table.shape[0]) if table.shape else 1
+    if isinstance(table.get("id"), h5py.Dataset):
+        return int(table["id"].shape[0])
+    raise BadInputError("table has no 'id' column, so its row count is unknown",
+                        path=path, obj=table.name.lstrip("/"), fix=CONVERT_FIX)
+
+
+def series_data(group: h5py.Group, *, path: Path, obj: str,
+                columns: str) -> tuple[h5py.Dataset, int, int]:
+    """The ``data`` of a series checked for reading: (dataset, num_samples, num_columns).
+
+    ``data`` must be numeric, (samples,) or (samples, ``columns``), hold at
+    least 2 samples, and use only installed HDF5 filters.
+    """
+    where = f"{obj}/data"
+    try:
+        data = group.get("data")
+    except (KeyError, OSError) as exc:  # e.g. an external link to a missing file
+        raise BadInputError(f"its data cannot be opened ({exc})", path=path, obj=where,
+                            fix="make the linked file available beside this one") from exc
+    if not isinstance(data, h5py.Dataset):
+        raise BadInputError("has no 'data' dataset", path=path, obj=obj, fix=CONVERT_FIX)
+    if data.dtype.kind not in "iuf":
+        raise BadInputError(f"data must be integers or floats, found dtype {data.dtype}",
+                            path=path, obj=where, fix="store the samples as numbers")
+    if data.ndim not in (1, 2):
+        raise BadInputError(f"data must be 2-D (samples, {columns}), found shape {data.shape}",
+                            path=path, obj=where, fix=f"store data as (samples, {columns})")
+    num_samples = int(data.shape[0])
+    if num_samples < 2:
+        raise BadInputError(f"data has {num_samples} samples; at least 2 are needed",
+                            path=path, obj=where, fix="pass a series that holds a recording")
+    check_filters(data, path=path, obj=where)
+    return data, num_samples, int(data.shape[1]) if data.ndim == 2 else 1
+
+
+def check_filters(dataset: h5py.Dataset, *, path: Path, obj: str) -> None:
+    """BadInputError if ``dataset`` needs an HDF5 filter (compressor) that is not installed."""
+    plist = dataset.id.get_create_plist()
+    for index in range(plist.get_nfilters()):
+        code, _flags, _values, name = plist.get_filter(index)
+        if h5py.h5z.filter_avail(code) or _load_hdf5plugin() and h5py.h5z.filter_avail(code):
+            continue
+        raise BadInputError(f"data is compressed with HDF5 filter {code} ({text(name)}), "
+                            "which is not installed", path=path, obj=obj,
+                            fix="pip install hdf5plugin (nwbflow loads it when present)")
+
+
+def _load_hdf5plugin() -> bool:
+    """Import ``hdf5plugin`` (registers extra HDF5 filters); False if not installed."""
+    try:
+        importlib.import_module("hdf5plugin")
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,259 @@
+"""Time base, scaling and geometry of one NWB series, read at the HDF5 level.
+
+Helpers of :mod:`nwbflow.nwb_io.read`: the checks that turn a series' raw
+HDF5 layout into a clock (rate or timestamps), a gain to microvolts and channel
+positions, each raising BadInputError naming the file, object and fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from nwbflow.errors import BadInputError, TransientError
+from nwbflow.nwb_io._hdf5 import CONVERT_FIX, attr_float, attr_text, table_rows
+
+log = logging.getLogger(__name__)
+
+#: Timestamps are checked and their median interval taken over blocks of this
+#: many values, so memory stays bounded for series of any length.
+TIMESTAMP_CHUNK = 1 << 20
+
+#: A timestamped series is "regular" when every interval lies within this
+#: fraction of the median interval (the median of the first block).
+TIMESTAMP_JITTER = 0.01
+
+#: Pitch (µm) of the vertical line of fallback positions when rel_x/rel_y are missing.
+FALLBACK_PITCH_UM = 20.0
+#: Spellings of ``data@unit`` accepted for ElectricalSeries (the schema fixes "volts").
+VOLTS = ("volts", "volt", "v")
+#: Column pairs of the electrodes table holding (x, y) contact positions in µm,
+#: tried in order: NWB's rel_x/rel_y, then AllenSDK's probe positions.
+POSITION_COLUMNS = (("rel_x", "rel_y"),
+                    ("probe_horizontal_position", "probe_vertical_position"))
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The time base of one TimeSeries.
+
+    Attributes
+    ----------
+    rate_hz : sampling rate in Hz (from ``starting_time@rate``, or 1 / median interval).
+    starting_time_s : time of sample 0 in seconds on the session clock.
+    timestamps : the ``timestamps`` dataset (seconds), or None for a rate-based series.
+    """
+
+    rate_hz: float
+    starting_time_s: float
+    timestamps: h5py.Dataset | None
+
+
+def read_clock(group: h5py.Group, num_samples: int, *, path: Path, obj: str) -> Clock:
+    """Read and check the time base of a series with ``num_samples`` samples."""
+    if isinstance(group.get("timestamps"), h5py.Dataset):
+        if "starting_time" in group:
+            log.warning("%s: %s has both timestamps and starting_time; using timestamps",
+                        path, obj)
+        timestamps = group["timestamps"]
+        if timestamps.ndim != 1 or timestamps.shape[0] != num_samples:
+            raise BadInputError(f"timestamps have shape {timestamps.shape} but data has "
+                                f"{num_samples} samples", path=path, obj=f"{obj}/timestamps",
+                                fix="write one timestamp per sample")
+        rate = 1.0 / check_timestamps(timestamps, path=path, obj=f"{obj}/timestamps")
+        return Clock(rate, float(timestamps[0]), timestamps)
+    if not isinstance(group.get("starting_time"), h5py.Dataset):
+        raise BadInputError("has neither starting_time (with rate) nor timestamps",
+                            path=path, obj=obj, fix="write a sampling rate or timestamps")
+    start = group["starting_time"]
+    rate = attr_float(start, "rate", float("nan"))
+    if not np.isfinite(rate) or rate <= 0:
+        raise BadInputError(f"sampling rate must be a positive number of Hz, found {rate}",
+                            path=path, obj=f"{obj}/starting_time",
+                            fix="write the true sampling rate in starting_time@rate")
+    start_s = float(np.asarray(start[()], dtype=np.float64).reshape(-1)[0])
+    if not np.isfinite(start_s):
+        raise BadInputError(f"starting_time must be finite, found {start_s}", path=path,
+                            obj=f"{obj}/starting_time", fix="write the start time in seconds")
+    return Clock(rate, start_s, None)
+
+
+def head_median_interval(timestamps: h5py.Dataset) -> float:
+    """Median interval (s) of the first block of timestamps; a cheap rate estimate."""
+    head = np.asarray(timestamps[:TIMESTAMP_CHUNK], dtype=np.float64)
+    return float(np.median(np.diff(head))) if head.size > 1 else float("nan")
+
+
+def check_timestamps(timestamps: h5py.Dataset, *, path: Path, obj: str) -> float:
+    """Check timestamps block by block; return the median interval in seconds.
+
+    Every value must be finite, strictly increasing, and every interval within
+    ``TIMESTAMP_JITTER`` (1 %) of the median interval of the first
+    ``TIMESTAMP_CHUNK`` values. Memory is bounded by one block.
+    """
+    fix = "write a regular, increasing time base (or a rate) for this series"
+    num, chunk = timestamps.shape[0], max(TIMESTAMP_CHUNK, 2)
+    median = None
+    previous = np.empty(0)
+    for start in range(0, num, chunk):
+        block = np.asarray(timestamps[start:start + chunk], dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(block))
+        if bad.size:
+            raise BadInputError(f"timestamp {start + bad[0]} is not finite ({block[bad[0]]})",
+                                path=path, obj=obj, fix=fix)
+        steps = np.diff(np.concatenate([previous, block]))
+        first = start - previous.size + 1  # sample index that ends steps[0]
+        bad = np.flatnonzero(steps <= 0)
+        if bad.size:
+            raise BadInputError(f"timestamps are not strictly increasing at sample "
+                                f"{first + bad[0]} (step {steps[bad[0]]:.6g} s)",
+                                path=path, obj=obj, fix=fix)
+        if median is None:
+            median = float(np.median(steps))
+        bad = np.flatnonzero(np.abs(steps - median) > TIMESTAMP_JITTER * median)
+        if bad.size:
+            raise BadInputError(
+                f"timestamps are irregular at sample {first + bad[0]}: interval "
+                f"{steps[bad[0]]:.6g} s vs median {median:.6g} s (tolerance "
+                f"{TIMESTAMP_JITTER:.0%}); gaps or jitter are not supported",
+                path=path, obj=obj, fix=fix + ", or split the recording at its gaps")
+        previous = block[-1:]
+    return median
+
+
+def read(dataset: h5py.Dataset, selection: slice, *, path: Path, obj: str) -> np.ndarray:
+    """``dataset[selection]``; an HDF5 read failure becomes a TransientError with context."""
+    try:
+        return dataset[selection]
+    except OSError as exc:
+        raise TransientError(f"{path}: {obj}: reading {dataset.name} failed ({exc}); retry, "
+                             "or check the file's integrity") from exc
+
+
+def gather(dataset: h5py.Dataset, indices: np.ndarray, *, path: Path, obj: str) -> np.ndarray:
+    """``dataset[indices]`` for in-range int64 ``indices`` of any shape and order, read one
+    ``TIMESTAMP_CHUNK`` block of rows at a time (bounded memory, few HDF5 reads)."""
+    unique, inverse = np.unique(indices.reshape(-1), return_inverse=True)
+    values = np.empty(unique.size, dtype=np.float64)
+    block = TIMESTAMP_CHUNK
+    bounds = np.searchsorted(unique, np.arange(0, dataset.shape[0] + block, block))
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            first, last = int(unique[lo]), int(unique[hi - 1])
+            span = read(dataset, slice(first, last + 1), path=path, obj=obj)
+            values[lo:hi] = span[unique[lo:hi] - first]
+    return values[inverse].reshape(indices.shape)
+
+
+def block_rows(data: h5py.Dataset, block_bytes: int) -> int:
+    """Rows of 2-D ``data`` in about ``block_bytes``, a whole number of HDF5 chunks."""
+    row_bytes = (data.shape[1] if data.ndim == 2 else 1) * data.dtype.itemsize
+    rows = max(1, block_bytes // row_bytes)
+    chunk_rows = data.chunks[0] if data.chunks else 1
+    return max(chunk_rows, rows // chunk_rows * chunk_rows)
+
+
+def check_range(start: int, end: int, num: int) -> tuple[int, int]:
+    """``(start, end)`` as ints with ``0 <= start <= end <= num``, else IndexError."""
+    start, end = operator.index(start), operator.index(end)
+    if not 0 <= start <= end <= num:
+        raise IndexError(f"sample range [{start}, {end}) is outside [0, {num}]")
+    return start, end
+
+
+def check_columns(region_len: int, shape: tuple, region: str, columns: str, *,
+                  path: Path, obj: str) -> None:
+    """BadInputError unless the region lists exactly one row per data column."""
+    num_columns = shape[1] if len(shape) == 2 else 1
+    if region_len == num_columns:
+        return
+    if len(shape) == 2 and region_len == shape[0]:
+        raise BadInputError(f"data has shape {shape} but '{region}' lists {region_len} rows: "
+                            f"data looks transposed ({columns}, samples)", path=path, obj=obj,
+                            fix=f"write data as (samples, {columns}), samples first")
+    raise BadInputError(f"the '{region}' region lists {region_len} rows but data has "
+                        f"{num_columns} {columns} (columns, shape {shape}); they must match",
+                        path=path, obj=obj,
+                        fix=f"make '{region}' reference exactly one table row per data column")
+
+
+def scaling_uv(group: h5py.Group, data: h5py.Dataset, num_channels: int, *, path: Path,
+               obj: str) -> tuple[np.ndarray, float]:
+    """Per-channel gain (µV per raw unit, (num_channels,) float64) and offset (µV)."""
+    unit = attr_text(data, "unit", "volts")
+    if unit.strip().lower() not in VOLTS:  # e.g. "uV" with a volts conversion: ambiguous
+        raise BadInputError(f"data@unit is {unit!r}, but ElectricalSeries data must be in "
+                            "'volts' after conversion", path=path, obj=f"{obj}/data",
+                            fix="write data@unit = 'volts' and data@conversion in volts per "
+                                "stored unit")
+    conversion = attr_float(data, "conversion", 1.0)
+    offset = attr_float(data, "offset", 0.0)
+    if not (np.isfinite(conversion) and conversion != 0 and np.isfinite(offset)):
+        raise BadInputError(f"conversion ({conversion}) must be finite and non-zero and offset "
+                            f"({offset}) finite", path=path, obj=f"{obj}/data",
+                            fix="write the ADC gain in data@conversion (volts per unit)")
+    channel = np.ones(num_channels)
+    if "channel_conversion" in group:
+        channel = np.asarray(group["channel_conversion"][()], dtype=np.float64).reshape(-1)
+        if channel.size != num_channels or not np.all(np.isfinite(channel)):
+            raise BadInputError(f"channel_conversion must hold {num_channels} finite values, "
+                                f"found {channel.size}", path=path,
+                                obj=f"{obj}/channel_conversion",
+                                fix="write one gain per data column")
+    return conversion * channel * 1e6, offset * 1e6
+
+
+def positions_um(table: h5py.HLObject, indices: np.ndarray, *, path: Path,
+                  obj: str) -> tuple[np.ndarray, bool]:
+    """Contact (x, y) in µm of the region's rows, and whether they are the fallback.
+
+    Read from the first of ``POSITION_COLUMNS`` the table holds; when none is
+    there, or the rows' values are not finite, the fallback is a vertical line
+    (x = 0, y = 0, 20, 40, ... µm), logged as a warning.
+    """
+    reason = "has no rel_x/rel_y columns"
+    for names in POSITION_COLUMNS:
+        columns = [_column(table, name) for name in names]
+        if any(column is None for column in columns):
+            continue
+        xy = _position_values(table, columns, names, path=path)
+        positions = np.stack([xy[0][indices], xy[1][indices]], axis=1)
+        if np.all(np.isfinite(positions)):
+            return positions, False
+        reason = f"has non-finite {'/'.join(names)} for this series' electrodes"
+        break
+    log.warning("%s: %s: the electrodes table %s; using fallback channel positions (a vertical "
+                "line, %g µm pitch)", path, obj, reason, FALLBACK_PITCH_UM)
+    positions = np.zeros((indices.size, 2))
+    positions[:, 1] = np.arange(indices.size) * FALLBACK_PITCH_UM
+    return positions, True
+
+
+def _position_values(table: h5py.HLObject, columns: list, names: tuple[str, str], *,
+                     path: Path) -> list[np.ndarray]:
+    """Two position columns as float64, one value per table row, else BadInputError."""
+    where = table.name.lstrip("/")
+    try:
+        values = [np.asarray(column, dtype=np.float64).reshape(-1) for column in columns]
+    except (TypeError, ValueError) as exc:
+        raise BadInputError(f"{'/'.join(names)} are not numbers ({exc})", path=path, obj=where,
+                            fix="write contact positions in µm as numbers") from exc
+    rows = table_rows(table, path=path)
+    if any(value.size != rows for value in values):
+        raise BadInputError(f"{'/'.join(names)} do not hold one value per row ({rows})",
+                            path=path, obj=where, fix=CONVERT_FIX)
+    return values
+
+
+def _column(table: h5py.HLObject, name: str) -> np.ndarray | None:
+    """Column ``name`` of a DynamicTable group or compound-dataset table, or None."""
+    if isinstance(table, h5py.Group):
+        column = table.get(name)
+        return column[()] if isinstance(column, h5py.Dataset) else None
+    names = table.dtype.names or ()
+    return table[name] if name in names else None

@@ -1,0 +1,429 @@
+"""Open NWB sessions read-only and read their recordings lazily, in chunks.
+
+This is the only code that reads NWB sessions. It works at the HDF5 level
+(h5py, no pynwb), finding objects by their ``neurodata_type`` attribute and the
+type hierarchy cached in the file, so files from pynwb 1.x-4.x, MatNWB,
+NeuroConv, AllenSDK and C++ writers (NWB schema 2.0b-2.11, including versions
+newer than the installed pynwb) all read. The input is never written.
+
+Every problem with the input raises :class:`nwbflow.errors.BadInputError`
+naming the file, the NWB object and the fix; nothing is silently guessed
+except the documented channel-position fallback, which is flagged and logged.
+
+Examples
+--------
+>>> with open_session("session.nwb") as session:            # doctest: +SKIP
+...     series = session.select_ephys()
+...     traces_uv = series.get_traces(0, 30_000)          # (30000, num_channels) float32
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from nwbflow.errors import BadInputError
+from nwbflow.nwb_io import _hdf5, _series
+
+log = logging.getLogger(__name__)
+
+#: ``select_ephys()`` picks the one ElectricalSeries sampled at least this fast (Hz).
+RAW_BAND_MIN_RATE_HZ = 10_000.0
+ELECTRODES_TABLE = "general/extracellular_ephys/electrodes"
+#: ``content_hash`` reads ``data`` in blocks of about this many bytes.
+HASH_BLOCK_BYTES = 32 << 20
+SELECT_FIX = "pass `electrical_series` with the object path of the series to process"
+
+
+def open_session(path: str | Path) -> NwbSession:
+    """Open an NWB file read-only; use as a context manager.
+
+    Parameters
+    ----------
+    path : the NWB 2.x HDF5 file.
+
+    Raises
+    ------
+    BadInputError
+        Missing file, not a file, not HDF5, HDF5 but not NWB 2, truncated or corrupt.
+
+    Examples
+    --------
+    >>> open_session("no/such/session.nwb")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    nwbflow.errors.BadInputError: no/such/session.nwb: file not found. Fix: check the path...
+    """
+    return NwbSession(path)
+
+
+def describe(path: str | Path) -> dict:
+    """Summarise what a file holds, for command-line messages.
+
+    Returns
+    -------
+    dict with ``path``, ``identifier``, ``object_id``, ``nwb_version``,
+    ``electrical_series`` and ``roi_response_series`` (lists of dicts with
+    ``object_path``, ``neurodata_type``, ``shape``, ``dtype``, ``rate_hz`` and
+    ``problem``: None, or why the series cannot be read) and ``raw_band_series``
+    (the object path ``select_ephys()`` picks, or None).
+    """
+    with open_session(path) as session:
+        summary = {"path": str(session.path), "identifier": session.identifier,
+                   "object_id": session.object_id, "nwb_version": session.nwb_version,
+}
+        for key, paths, rate_of in (
+                ("electrical_series", session.ephys_paths(),
+                 lambda p: session.ephys_series(p).sampling_rate_hz),
+                ("roi_response_series", session.roi_paths(),
+                 lambda p: session.roi_info(p).rate_hz)):
+            summary[key] = [_summary(session, p, rate_of) for p in paths]
+        try:
+            summary["raw_band_series"] = session.select_ephys().object_path
+        except BadInputError:
+            summary["raw_band_series"] = None
+    return summary
+
+
+def _summary(session: NwbSession, object_path: str, rate_of) -> dict:
+    """One describe() entry; ``rate_of(object_path)`` opens and checks the series."""
+    data = session._group(object_path).get("data")
+    entry = {"object_path": object_path, "neurodata_type": session._types[object_path],
+             "shape": tuple(getattr(data, "shape", ())),
+             "dtype": str(getattr(data, "dtype", "")), "rate_hz": None, "problem": None}
+    try:
+        entry["rate_hz"] = rate_of(object_path)
+    except BadInputError as exc:
+        entry["problem"] = exc.message
+    return entry
+
+
+@dataclass(frozen=True)
+class RoiSeriesInfo:
+    """One RoiResponseSeries (fluorescence, ΔF/F, ...).
+
+    Attributes
+    ----------
+    object_path : e.g. "processing/ophys/Fluorescence/RoiResponseSeries".
+    shape : shape of ``data``, (num_frames,) or (num_frames, num_rois).
+    num_frames, num_rois : frames (time points) and ROIs (columns).
+    rate_hz : frame rate in Hz (1 / median interval when timestamped).
+    starting_time_s : time of frame 0 in seconds on the session clock.
+    has_timestamps : whether the series stores timestamps instead of a rate.
+    roi_indices : (num_rois,) int64 rows of the PlaneSegmentation table.
+    rois_table_path : object path of that PlaneSegmentation.
+    unit : ``data@unit`` as written.
+    """
+
+    object_path: str
+    shape: tuple[int, ...]
+    num_frames: int
+    num_rois: int
+    rate_hz: float
+    starting_time_s: float
+    has_timestamps: bool
+    roi_indices: np.ndarray
+    rois_table_path: str
+    unit: str
+
+
+class NwbSession:
+    """An NWB file opened read-only (no HDF5 file locking).
+
+    Attributes
+    ----------
+    path : the file.
+    identifier : the file's ``identifier``.
+    object_id : the NWBFile's object id ("" for files written before object ids).
+    nwb_version : the NWB schema version the file declares (e.g. "2.7.0").
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        self._h5: h5py.File | None = _hdf5.open_hdf5(self.path)
+        try:
+            self.nwb_version = _hdf5.nwb_version_of(self._h5, self.path)
+            self.identifier = self._root_text("identifier")
+            self.object_id = _hdf5.attr_text(self._h5, "object_id")
+            self._tree = _hdf5.TypeTree.from_file(self._h5)
+            self._types = _hdf5.typed_groups(self._h5, self.path)
+        except OSError as exc:
+            self.close()
+            raise BadInputError(f"HDF5 file is corrupt: its NWB metadata cannot be read ({exc})",
+                                path=self.path, fix=_hdf5.CORRUPT_FIX) from exc
+        except BaseException:
+            self.close()
+            raise
+        log.debug("Opened %s (NWB %s, identifier %r)", self.path, self.nwb_version,
+                  self.identifier)
+
+    def __enter__(self) -> NwbSession:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the file has been closed (series of this session can no longer read)."""
+        return self._h5 is None
+
+    def close(self) -> None:
+        """Close the file; idempotent."""
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
+    def ephys_paths(self) -> list[str]:
+        """Object paths of every continuous ElectricalSeries (SpikeEventSeries excluded)."""
+        return self._paths_of("ElectricalSeries", exclude="SpikeEventSeries")
+
+    def roi_paths(self) -> list[str]:
+        """Object paths of every RoiResponseSeries (and subtype)."""
+        return self._paths_of("RoiResponseSeries")
+
+    def electrical_series(self) -> list[EphysSeries]:
+        """Every ElectricalSeries (and subtype) in the file, acquisition first.
+
+        SpikeEventSeries (waveform snippets, not a continuous recording) are
+        left out. Each is checked on creation: BadInputError if any is malformed
+        (use ``select_ephys`` to open only the one you need).
+        """
+        return [EphysSeries(self, object_path) for object_path in self.ephys_paths()]
+
+    def ephys_series(self, object_path: str) -> EphysSeries:
+        """The ElectricalSeries at ``object_path`` (e.g. "acquisition/ElectricalSeries")."""
+        object_path = object_path.strip("/")
+        candidates = self.ephys_paths()
+        if object_path not in candidates:
+            found = self._types.get(object_path)
+            what = f"is of type {found}, not ElectricalSeries" if found else "does not exist"
+            raise BadInputError(f"{what}; ElectricalSeries in this file: "
+                                f"{', '.join(candidates) or 'none'}", path=self.path,
+                                obj=object_path, fix=SELECT_FIX)
+        return EphysSeries(self, object_path)
+
+    def roi_response_series(self) -> list[RoiSeriesInfo]:
+        """Every RoiResponseSeries (and subtype) with its shape, rate and ROI region."""
+        return [self.roi_info(object_path) for object_path in self.roi_paths()]
+
+    def roi_info(self, object_path: str) -> RoiSeriesInfo:
+        """Describe and check the RoiResponseSeries at ``object_path``."""
+        object_path = object_path.strip("/")
+        group = self._group(object_path)
+        data, frames, rois = _hdf5.series_data(group, path=self.path, obj=object_path,
+                                               columns="rois")
+        indices, table = _hdf5.region_indices(group, "rois", path=self.path, obj=object_path,
+                                              default_table=None)
+        _series.check_columns(indices.size, data.shape, "rois", "ROIs", path=self.path,
+                              obj=object_path)
+        clock = _series.read_clock(group, frames, path=self.path, obj=object_path)
+        return RoiSeriesInfo(object_path, tuple(data.shape), frames, rois, clock.rate_hz,
+                             clock.starting_time_s, clock.timestamps is not None, indices,
+                             table.name.lstrip("/"), _hdf5.attr_text(data, "unit"))
+
+    def read_roi_traces(self, object_path: str, start_frame: int = 0,
+                        end_frame: int | None = None) -> np.ndarray:
+        """Frames ``[start_frame, end_frame)`` of a RoiResponseSeries.
+
+        Returns
+        -------
+        (num_frames, num_rois) float32 in the series' unit (``RoiSeriesInfo.unit``),
+        ``data * conversion + offset`` applied.
+        """
+        info = self.roi_info(object_path)
+        end_frame = info.num_frames if end_frame is None else end_frame
+        start, end = _series.check_range(start_frame, end_frame, info.num_frames)
+        data = self._group(info.object_path)["data"]
+        values = _series.read(data, slice(start, end), path=self.path, obj=info.object_path)
+        values = values.reshape(end - start, info.num_rois).astype(np.float64)
+        values *= _hdf5.attr_float(data, "conversion", 1.0)
+        values += _hdf5.attr_float(data, "offset", 0.0)
+        return values.astype(np.float32)
+
+    def select_ephys(self, object_path: str | None = None) -> EphysSeries:
+        """The ElectricalSeries to process.
+
+        Parameters
+        ----------
+        object_path : its object path; None picks the only ElectricalSeries
+            sampled at >= ``RAW_BAND_MIN_RATE_HZ`` (10 kHz, the raw band: e.g.
+            SpikeGLX AP rather than LF).
+
+        Raises
+        ------
+        BadInputError
+            No ElectricalSeries; ``object_path`` is not one; or, with None, no
+            or several raw-band series (the message lists every candidate).
+        """
+        if object_path is not None:
+            return self.ephys_series(object_path)
+        paths = self.ephys_paths()
+        if not paths:
+            types = sorted(set(self._types.values()))
+            found = ", ".join(types[:12]) + (", ..." if len(types) > 12 else "") or "nothing"
+            raise BadInputError(f"no ElectricalSeries in this file (types found: {found})",
+                                path=self.path, fix="pass a session with an extracellular "
+                                                    "recording, or run only ophys stages")
+        rates = {p: self._nominal_rate(p) for p in paths}
+        raw = [p for p, r in rates.items() if isinstance(r, float) and r >= RAW_BAND_MIN_RATE_HZ]
+        if len(raw) == 1:
+            return EphysSeries(self, raw[0])
+        listing = "; ".join(f"{p} ({r:g} Hz)" if isinstance(r, float) else f"{p} ({r})"
+                            for p, r in rates.items())
+        which = "no ElectricalSeries is" if not raw else f"{len(raw)} ElectricalSeries are"
+        raise BadInputError(f"{which} sampled at >= {RAW_BAND_MIN_RATE_HZ:g} Hz (raw band), "
+                            f"so none can be chosen; candidates: {listing}",
+                            path=self.path, fix=SELECT_FIX)
+
+    def _nominal_rate(self, object_path: str) -> float | str:
+        """Rate (Hz) from ``starting_time@rate`` or the first timestamps; a problem as text."""
+        group = self._group(object_path)
+        try:
+            if isinstance(group.get("timestamps"), h5py.Dataset):
+                return 1.0 / _series.head_median_interval(group["timestamps"])
+            return _hdf5.attr_float(group["starting_time"], "rate", float("nan"))
+        except (KeyError, ZeroDivisionError, OSError) as exc:
+            return f"rate unknown: {exc}"
+
+    def _paths_of(self, base: str, exclude: str | None = None) -> list[str]:
+        paths = [p for p, t in self._types.items() if self._tree.is_a(t, base)
+                 and not (exclude and self._tree.is_a(t, exclude))]
+        return sorted(paths, key=lambda p: (not p.startswith("acquisition/"), p))
+
+    def _check_open(self) -> None:
+        if self._h5 is None:
+            raise RuntimeError(f"the NwbSession of {self.path} is closed; read its series "
+                               "inside the `with open_session(...)` block")
+
+    def _group(self, object_path: str) -> h5py.Group:
+        self._check_open()
+        return self._h5[object_path]
+
+    def _root_text(self, name: str) -> str:
+        if isinstance(self._h5.get(name), h5py.Dataset):
+            return _hdf5.text(self._h5[name][()])
+        log.warning("%s has no root '%s' dataset", self.path, name)
+        return ""
+
+
+class EphysSeries:
+    """One ElectricalSeries, read lazily; valid while its session is open.
+
+    Attributes
+    ----------
+    file_path : the NWB file.
+    object_path : e.g. "acquisition/ElectricalSeries".
+    num_samples, num_channels : rows and columns of ``data``.
+    electrode_indices : (num_channels,) int64 rows of the electrodes table.
+    channel_positions_um : (num_channels, 2) float64 (x, y) in µm from the
+        electrodes table's rel_x/rel_y (or AllenSDK's probe_horizontal_position/
+        probe_vertical_position); when missing or not finite, a vertical line
+        (x = 0, y = 0, 20, 40 ... µm) with a logged warning.
+    positions_are_fallback : True when the fallback positions are used.
+    gains_uv : (num_channels,) float64 µV per raw unit
+        (conversion * channel_conversion * 1e6 for data in volts).
+    offset_uv : float, µV added after the gain (offset * 1e6).
+    """
+
+    def __init__(self, session: NwbSession, object_path: str):
+        self._session, self.file_path, self.object_path = session, session.path, object_path
+        where = {"path": self.file_path, "obj": object_path}
+        group = session._group(object_path)
+        self._data, self.num_samples, self.num_channels = _hdf5.series_data(
+            group, columns="channels", **where)
+        self.electrode_indices, table = _hdf5.region_indices(
+            group, "electrodes", default_table=ELECTRODES_TABLE, **where)
+        _series.check_columns(self.electrode_indices.size, self._data.shape, "electrodes",
+                              "channels", **where)
+        self.gains_uv, self.offset_uv = _series.scaling_uv(group, self._data,
+                                                           self.num_channels, **where)
+        self._clock = _series.read_clock(group, self.num_samples, **where)
+        self.channel_positions_um, self.positions_are_fallback = _series.positions_um(
+            table, self.electrode_indices, **where)
+        self._hash: str | None = None
+
+    def __repr__(self) -> str:
+        return (f"EphysSeries({self.file_path}:{self.object_path}, {self.num_samples} x "
+                f"{self.num_channels}, {self.sampling_rate_hz:g} Hz)")
+
+    @property
+    def sampling_rate_hz(self) -> float:
+        """Sampling rate in Hz (1 / median interval when timestamped)."""
+        return self._clock.rate_hz
+
+    @property
+    def starting_time_s(self) -> float:
+        """Time of sample 0 in seconds on the session clock."""
+        return self._clock.starting_time_s
+
+    @property
+    def has_timestamps(self) -> bool:
+        """Whether the series stores timestamps instead of a rate."""
+        return self._clock.timestamps is not None
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The stored dtype of ``data`` (e.g. int16)."""
+        return self._data.dtype
+
+    def get_traces(self, start_sample: int, end_sample: int) -> np.ndarray:
+        """Samples ``[start_sample, end_sample)`` in microvolts.
+
+        Returns
+        -------
+        (end_sample - start_sample, num_channels) float32 µV, i.e.
+        ``(data * conversion * channel_conversion[ch] + offset) * 1e6``.
+        """
+        start, end = _series.check_range(start_sample, end_sample, self.num_samples)
+        raw = self._read(slice(start, end)).reshape(end - start, self.num_channels)
+        traces = raw.astype(np.float64)
+        traces *= self.gains_uv
+        traces += self.offset_uv
+        return traces.astype(np.float32)
+
+    def sample_times_s(self, sample_indices: np.ndarray) -> np.ndarray:
+        """Times in seconds on the session clock of ``sample_indices`` (any shape, ints).
+
+        Timestamps when the series has them, else ``starting_time + i / rate``.
+        Timestamps are read one block of ``_series.TIMESTAMP_CHUNK`` at a time.
+        """
+        indices = np.asarray(sample_indices)
+        if indices.size and indices.dtype.kind not in "iu":
+            raise TypeError(f"sample indices must be integers, got {indices.dtype}")
+        indices = indices.astype(np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.num_samples):
+            raise IndexError(f"sample indices must lie in [0, {self.num_samples}) for "
+                             f"{self.file_path}:{self.object_path}")
+        if self._clock.timestamps is None:
+            return self.starting_time_s + indices / self.sampling_rate_hz
+        self._session._check_open()
+        return _series.gather(self._clock.timestamps, indices, path=self.file_path,
+                              obj=self.object_path)
+
+    def content_hash(self) -> str:
+        """``"sha256:<hex>"`` of data's dtype, shape and raw bytes; cached per instance.
+
+        ``data`` is streamed in blocks of about ``HASH_BLOCK_BYTES`` (whole HDF5
+        chunks), so memory stays bounded; the digest does not depend on the
+        block size, nor on how the file chunks or compresses ``data``.
+        """
+        if self._hash is None:
+            digest = hashlib.sha256()
+            digest.update(f"dtype={self._data.dtype.str};shape={self._data.shape};".encode())
+            rows = _series.block_rows(self._data, HASH_BLOCK_BYTES)
+            for start in range(0, self.num_samples, rows):
+                block = self._read(slice(start, start + rows))
+                digest.update(np.ascontiguousarray(block))
+            self._hash = "sha256:" + digest.hexdigest()
+        return self._hash
+
+    def _read(self, selection: slice) -> np.ndarray:
+        self._session._check_open()
+        return _series.read(self._data, selection, path=self.file_path, obj=self.object_path)
+

@@ -1,0 +1,193 @@
+"""Write-back: export the input session to a new, processed NWB file, atomically.
+
+The input is opened read-only and never changed. The processed file is
+exported under a temporary name beside the target, re-opened and validated
+against the cached schema, fsynced, and only then renamed into place; the
+directory is fsynced after the rename. A process killed at any instant
+leaves the target either absent (or as it was) or complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pynwb
+from hdmf.common import VectorData
+from pynwb import NWBHDF5IO
+from pynwb.event import EventsTable, TimestampVectorData
+
+from nwbflow import __version__
+from nwbflow.errors import BadInputError, NwbflowError
+from nwbflow.extensions import NAMESPACE, ProvenanceTable
+from nwbflow.nwb_io import layout
+from nwbflow.nwb_io.provenance import ProvenanceRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeaksForNwb:
+    """Detected peaks to write as a core EventsTable (``processing/ecephys/peaks``).
+
+    ``parquet_path`` holds columns time_s, channel_index, amplitude, x_um, y_um;
+    ``electrical_series`` is the object path of the series they came from.
+    """
+
+    parquet_path: Path
+    electrical_series: str
+    sampling_rate_hz: float
+    amplitude_unit: str
+
+
+@dataclass(frozen=True)
+class SessionResults:
+    """Everything one run adds to the processed file."""
+
+    provenance: tuple[ProvenanceRecord, ...]
+    peaks: PeaksForNwb | None = None
+    extra_was_generated_by: tuple[tuple[str, str], ...] = field(default=())
+
+
+def write_processed(input_path: str | Path, output_path: str | Path, results: SessionResults) -> Path:
+    """Export ``input_path`` with ``results`` added to ``output_path``, atomically.
+
+    The output gets a new object id and a new identifier, so DANDI sees it as
+    its own asset. Returns the output path.
+    """
+    input_path, output_path = Path(input_path).resolve(), Path(output_path).absolute()
+    _check_target(input_path, output_path)
+    tmp_path = output_path.with_name(f".{output_path.stem}.{uuid.uuid4().hex[:12]}.partial.nwb")
+    try:
+        _export(input_path, tmp_path, results)
+        _validate(tmp_path, output_path)
+        _fsync_file(tmp_path)
+        os.replace(tmp_path, output_path)
+        _fsync_dir(output_path.parent)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    log.info("wrote %s", output_path)
+    return output_path
+
+
+def _check_target(input_path: Path, output_path: Path) -> None:
+    if not output_path.parent.is_dir():
+        raise BadInputError("output directory does not exist", path=output_path,
+                            fix=f"create {output_path.parent} first")
+    if output_path.exists() and output_path.samefile(input_path):
+        raise BadInputError("output path is the input file; the input is never modified",
+                            path=output_path, fix="choose another output path")
+
+
+def _export(input_path: Path, tmp_path: Path, results: SessionResults) -> None:
+    with NWBHDF5IO(str(input_path), mode="r", load_namespaces=True) as src_io:
+        try:
+            nwbfile = src_io.read()
+        except Exception as exc:  # pynwb raises many types for unreadable content
+            raise BadInputError(f"pynwb cannot read this file for export ({type(exc).__name__}: {exc})",
+                                path=input_path, fix="check the file with `pynwb.validate`") from exc
+        _add_provenance(nwbfile, results.provenance, input_path)
+        if results.peaks is not None:
+            _add_peaks(nwbfile, results.peaks, input_path)
+        _mark_generated_by(nwbfile, results.extra_was_generated_by)
+        nwbfile.generate_new_id()
+        # NWBFile.identifier has no setter; an exported asset needs its own identifier.
+        nwbfile.fields["identifier"] = str(uuid.uuid4())
+        nwbfile.set_modified()
+        with NWBHDF5IO(str(tmp_path), mode="w") as out_io:
+            out_io.export(src_io=src_io, nwbfile=nwbfile)
+
+
+def _module(nwbfile: pynwb.NWBFile, name: str, description: str) -> pynwb.ProcessingModule:
+    if name in nwbfile.processing:
+        return nwbfile.processing[name]
+    return nwbfile.create_processing_module(name=name, description=description)
+
+
+def _refuse_existing(module: pynwb.ProcessingModule, name: str, input_path: Path) -> None:
+    if name in module.data_interfaces:
+        raise BadInputError("the input already holds this result (it looks processed already)",
+                            path=input_path, obj=layout.object_path(module.name, name),
+                            fix="run nwbflow on the raw session file")
+
+
+def _add_provenance(nwbfile: pynwb.NWBFile, records: tuple[ProvenanceRecord, ...], input_path: Path) -> None:
+    module = _module(nwbfile, layout.PROVENANCE_MODULE, layout.PROVENANCE_MODULE_DESCRIPTION)
+    _refuse_existing(module, layout.PROVENANCE_TABLE, input_path)
+    table = ProvenanceTable(name=layout.PROVENANCE_TABLE,
+                            description="One row per nwbflow stage run that produced this file.")
+    for record in records:
+        table.add_row(**record.as_row())
+    module.add(table)
+
+
+def _add_peaks(nwbfile: pynwb.NWBFile, peaks: PeaksForNwb, input_path: Path) -> None:
+    module = _module(nwbfile, layout.ECEPHYS_MODULE, layout.ECEPHYS_MODULE_DESCRIPTION)
+    _refuse_existing(module, layout.PEAKS, input_path)
+    columns = pq.read_table(peaks.parquet_path,
+                            columns=["time_s", "channel_index", "amplitude", "x_um", "y_um"])
+    data = {name: columns[name].to_numpy() for name in columns.column_names}
+    table = EventsTable(
+        name=layout.PEAKS,
+        description=f"Threshold-crossing peaks detected by nwbflow on {peaks.electrical_series} "
+                    "after preprocessing; one row per peak.",
+        source_description=f"nwbflow peak detection on {peaks.electrical_series}",
+        columns=[
+            TimestampVectorData(name="timestamp", description="Peak time on the session clock (s).",
+                                data=data["time_s"].astype(np.float64),
+                                resolution=1.0 / peaks.sampling_rate_hz),
+            VectorData(name="channel_index", data=data["channel_index"].astype(np.int32),
+                       description=f"Column of {peaks.electrical_series} where the peak is largest."),
+            VectorData(name="amplitude", data=data["amplitude"].astype(np.float32),
+                       description=f"Signed peak value ({peaks.amplitude_unit})."),
+            VectorData(name="x_um", data=data["x_um"].astype(np.float32),
+                       description="Estimated x position on the probe (µm)."),
+            VectorData(name="y_um", data=data["y_um"].astype(np.float32),
+                       description="Estimated y (depth) position on the probe (µm)."),
+        ],
+    )
+    module.add(table)
+
+
+def _mark_generated_by(nwbfile: pynwb.NWBFile, extra: tuple[tuple[str, str], ...]) -> None:
+    existing = [] if nwbfile.was_generated_by is None else [
+        [_text(a), _text(b)] for a, b in nwbfile.was_generated_by[:]]
+    entries = existing + [[layout.SOFTWARE_NAME, __version__]] + [list(e) for e in extra]
+    # The field is set-once on read containers; export writes whatever the field holds.
+    nwbfile.fields["was_generated_by"] = entries
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _validate(tmp_path: Path, output_path: Path) -> None:
+    errors = pynwb.validate(path=str(tmp_path))
+    if errors:
+        raise NwbflowError(f"{output_path}: the processed file fails NWB schema validation, "
+                           f"so it was not written: {errors[:5]}")
+    with h5py.File(tmp_path, "r") as h5:
+        if f"specifications/{NAMESPACE}" not in h5:
+            raise NwbflowError(f"{output_path}: the ndx-nwbflow spec was not cached in the file")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

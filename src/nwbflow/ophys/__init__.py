@@ -1,0 +1,1 @@
+"""Calcium imaging science kernels (spike inference): built in the calcium issue."""

@@ -1,0 +1,219 @@
+"""Synthetic extracellular ephys: NP1.0-like probe, ground-truth recording, int16 streaming, electrodes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nwbflow.synth._nwb import _create_device, _data_io
+from nwbflow.synth.config import DRIFT_MODES, SynthConfig, _stream_seed
+
+logger = logging.getLogger(__name__)
+
+ELECTRICAL_SERIES_PATH = "acquisition/ElectricalSeries"
+ELECTRODES_PATH = "general/extracellular_ephys/electrodes"
+ROW_PITCH_UM = 20.0
+_NP1_COLUMNS_X_UM = ((43.0, 11.0), (59.0, 27.0))  # (even rows, odd rows), as NP1.0
+_MS_BEFORE, _MS_AFTER = 1.5, 3.0
+_UNIT_LOCATION_KWARGS = dict(margin_um=20.0, minimum_z=5.0, maximum_z=45.0, minimum_distance=18.0,
+                             max_iteration=100, distance_strict=False)
+
+
+@dataclass(frozen=True, eq=False)
+class DriftTruth:
+    """Ground-truth probe motion, SpikeInterface ``Motion`` layout (rigid, vertical).
+
+    Attributes
+    ----------
+    time_bins_s : (T,) bin centres (s); bin i spans [i / f, (i + 1) / f).
+    depth_bins_um : (D,) depth bin centres (µm), the probe's row depths.
+    displacement_um : (T, D) displacement (µm); a unit at y appears at y + displacement.
+    """
+
+    time_bins_s: np.ndarray
+    depth_bins_um: np.ndarray
+    displacement_um: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class SynthRecording:
+    """A lazy SpikeInterface ground-truth recording and what made it.
+
+    Attributes
+    ----------
+    recording : traces in µV (float32; raw traces are already µV).
+    sorting : the ground-truth spike trains.
+    probe : probeinterface Probe, positions (num_channels, 2) in µm.
+    unit_locations_um : (num_units, 3) x, y, z (µm).
+    templates_uv : (num_units, num_samples, num_channels) templates at zero drift (µV).
+    drift : the imposed motion, or None.
+    """
+
+    recording: Any
+    sorting: Any
+    probe: Any
+    unit_locations_um: np.ndarray
+    templates_uv: np.ndarray
+    drift: DriftTruth | None
+
+
+def make_probe(num_channels: int):
+    """A Neuropixels-1.0-like shank: 2 contacts per row alternating between column pairs.
+
+    Parameters
+    ----------
+    num_channels : contacts; rows are 20 µm apart, x in {11, 27, 43, 59} µm.
+
+    Returns
+    -------
+    probeinterface.Probe with 12 µm square contacts and device indices 0..n-1.
+    """
+    from probeinterface import Probe
+
+    index = np.arange(num_channels)
+    row = index // 2
+    x = np.array([_NP1_COLUMNS_X_UM[r % 2][i % 2] for r, i in zip(row, index)])
+    positions = np.column_stack([x, row * ROW_PITCH_UM])
+    probe = Probe(ndim=2, si_units="um", name="NP1-like", manufacturer="nwbflow-synthetic")
+    probe.set_contacts(positions=positions, shapes="square", shape_params={"width": 12.0})
+    probe.create_auto_shape(probe_type="tip")
+    probe.set_device_channel_indices(index)
+    return probe
+
+
+def _draw_sorting(config: SynthConfig):
+    from spikeinterface.core import generate_sorting
+
+    rng = np.random.default_rng(_stream_seed(config.seed, "firing_rates"))
+    low, high = config.firing_rate_range_hz
+    rates = np.exp(rng.uniform(np.log(low), np.log(high), config.num_units))
+    return generate_sorting(num_units=config.num_units, sampling_frequency=config.sampling_rate_hz,
+                            durations=[config.duration_s], firing_rates=rates, refractory_period_ms=2.0,
+                            seed=_stream_seed(config.seed, "spikes"))
+
+
+def make_ephys_recording(config: SynthConfig) -> SynthRecording:
+    """Build the (lazy) ground-truth recording of ``config``; nothing is computed per sample yet."""
+    from spikeinterface.core import generate_ground_truth_recording
+
+    probe, sorting = make_probe(config.num_channels), _draw_sorting(config)
+    seed = _stream_seed(config.seed, "ephys")
+    if config.drift:
+        return _make_drifting(config, probe, sorting, seed)
+    recording, sorting = generate_ground_truth_recording(
+        durations=[config.duration_s], sampling_frequency=config.sampling_rate_hz, sorting=sorting,
+        probe=probe, ms_before=_MS_BEFORE, ms_after=_MS_AFTER,
+        noise_kwargs=dict(noise_levels=config.noise_level_uv, strategy="on_the_fly"),
+        generate_unit_locations_kwargs=dict(_UNIT_LOCATION_KWARGS), seed=seed)
+    return SynthRecording(recording=recording, sorting=sorting, probe=probe,
+                          unit_locations_um=np.asarray(sorting.get_property("gt_unit_locations"), float),
+                          templates_uv=np.asarray(recording.templates, np.float32), drift=None)
+
+
+def _make_drifting(config: SynthConfig, probe, sorting, seed: int) -> SynthRecording:
+    from spikeinterface.generation import generate_drifting_recording
+
+    half = config.drift_amplitude_um / 2.0
+    period = config.drift_period_s or config.duration_s / 2.0
+    motion = dict(drift_mode=DRIFT_MODES[config.drift_mode], non_rigid_gradient=None, t_start_drift=0.0,
+                  t_end_drift=None, period_s=period,
+                  bump_interval_s=(config.duration_s / 6.0, config.duration_s / 3.0))
+    _, recording, sorting, extra = generate_drifting_recording(
+        duration=config.duration_s, sampling_frequency=config.sampling_rate_hz, probe=probe,
+        sorting=sorting, generate_unit_locations_kwargs=dict(_UNIT_LOCATION_KWARGS),
+        generate_displacement_vector_kwargs=dict(
+            displacement_sampling_frequency=5.0, drift_start_um=[0.0, half], drift_stop_um=[0.0, -half],
+            drift_step_um=1.0, motion_list=[motion]),
+        generate_templates_kwargs=dict(ms_before=_MS_BEFORE, ms_after=_MS_AFTER, mode="ellipsoid",
+                                       unit_params=dict(alpha=(100.0, 500.0), spatial_decay=(10, 45),
+                                                        ellipse_shrink=(0.4, 1), ellipse_angle=(0, 2 * np.pi))),
+        generate_noise_kwargs=dict(noise_levels=config.noise_level_uv, spatial_decay=25.0),
+        extra_outputs=True, seed=seed)
+    vertical = np.asarray(extra["displacement_vectors"])[:, 1, :].sum(axis=1)  # (T,) µm, rigid
+    rate = float(extra["displacement_sampling_frequency"])
+    depths = np.unique(probe.contact_positions[:, 1]).astype(float)
+    drift = DriftTruth(time_bins_s=(np.arange(vertical.size) + 0.5) / rate, depth_bins_um=depths,
+                       displacement_um=np.repeat(vertical[:, None], depths.size, axis=1).astype(float))
+    return SynthRecording(recording=recording, sorting=sorting, probe=probe,
+                          unit_locations_um=np.asarray(extra["unit_locations"], float),
+                          templates_uv=np.asarray(extra["templates"].templates_array, np.float32),
+                          drift=drift)
+
+
+def _int16_iterator_class():
+    """Defined lazily so importing this module does not import hdmf."""
+    from hdmf.data_utils import GenericDataChunkIterator
+
+    class Int16TraceIterator(GenericDataChunkIterator):
+        """Streams ``recording.get_traces`` (µV) as int16 counts of ``lsb_uv``, clipped to int16."""
+
+        def __init__(self, recording, lsb_uv: float, **kwargs):
+            self._recording, self._lsb_uv, self.num_clipped = recording, float(lsb_uv), 0
+            super().__init__(**kwargs)
+
+        def _get_data(self, selection: tuple[slice, ...]) -> np.ndarray:
+            rows, cols = selection
+            traces = self._recording.get_traces(start_frame=rows.start, end_frame=rows.stop)[:, cols]
+            counts = np.rint(traces.astype(np.float32) / np.float32(self._lsb_uv))
+            limit = np.iinfo(np.int16).max
+            clipped = int(np.count_nonzero(np.abs(counts) > limit))
+            if clipped:
+                self.num_clipped += clipped
+                logger.warning("clipped %d samples to int16 in frames [%d, %d)", clipped, rows.start, rows.stop)
+            return np.clip(counts, -limit, limit).astype(np.int16)
+
+        def _get_maxshape(self) -> tuple[int, int]:
+            return (int(self._recording.get_num_samples()), int(self._recording.get_num_channels()))
+
+        def _get_dtype(self) -> np.dtype:
+            return np.dtype(np.int16)
+
+    return Int16TraceIterator
+
+
+def traces_iterator(recording, lsb_uv: float, buffer_mb: float = 32.0):
+    """A bounded-memory int16 chunk iterator over ``recording`` (HDF5 chunks <= ~2 MB, buffer ~buffer_mb).
+
+    Parameters
+    ----------
+    recording : SpikeInterface recording whose raw traces are µV.
+    lsb_uv : µV per int16 count.
+    buffer_mb : int16 megabytes pulled from the recording per step (all channels).
+    """
+    num_samples, num_channels = recording.get_num_samples(), recording.get_num_channels()
+    chunk_channels = min(num_channels, 64)
+    chunk_frames = int(min(num_samples, max(1024, 2**20 // chunk_channels)))
+    per_chunk_row = chunk_frames * num_channels * 2
+    buffer_frames = int(min(num_samples, chunk_frames * max(1, int(buffer_mb * 2**20 // per_chunk_row))))
+    return _int16_iterator_class()(recording, lsb_uv, chunk_shape=(chunk_frames, chunk_channels),
+                                   buffer_shape=(buffer_frames, num_channels))
+
+
+def _add_ephys(nwbfile, synth: SynthRecording, config: SynthConfig):
+    """Device, ElectrodeGroup, electrodes (rel_x/rel_y µm) and a streamed int16 ElectricalSeries."""
+    from pynwb.ecephys import ElectricalSeries
+
+    device = _create_device(nwbfile, "Probe", "Simulated Neuropixels-1.0-like silicon probe "
+                                              "(SpikeInterface ground-truth generator).")
+    group = nwbfile.create_electrode_group(
+        name="probe0", device=device, location=config.brain_area,
+        description="Single shank, 4 staggered columns (x = 11, 27, 43, 59 µm), 20 µm row pitch, "
+                    "12 µm square contacts; rel_x/rel_y in µm.")
+    nwbfile.add_electrode_column(name="channel_name", description="Channel id in the recording.")
+    for index, (x_um, y_um) in enumerate(synth.probe.contact_positions):
+        nwbfile.add_electrode(group=group, location=config.brain_area, rel_x=float(x_um), rel_y=float(y_um),
+                              channel_name=str(index))
+    region = nwbfile.create_electrode_table_region(region=list(range(config.num_channels)),
+                                                   description="All probe contacts.")
+    iterator = traces_iterator(synth.recording, config.lsb_uv)
+    series = ElectricalSeries(
+        name="ElectricalSeries", data=_data_io(iterator, config), electrodes=region,
+        starting_time=0.0, rate=float(config.sampling_rate_hz), conversion=config.lsb_uv * 1e-6, offset=0.0,
+        filtering="None: synthetic wideband (noise plus spike templates), no filter applied.",
+        description=f"Synthetic extracellular voltage, int16 counts of {config.lsb_uv} µV "
+                    f"({'drifting' if config.drift else 'static'} probe).")
+    nwbfile.add_acquisition(series)
+    return iterator

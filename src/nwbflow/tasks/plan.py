@@ -1,0 +1,93 @@
+"""Decide what one run does: which stages apply, on which series, in which work directory."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from nwbflow.errors import BadInputError
+from nwbflow.nwb_io.read import open_session
+from nwbflow.params import STAGE_ORDER, SessionParams
+from nwbflow.tasks.provenance import SeriesInput
+
+log = logging.getLogger(__name__)
+
+#: Stages built so far, with the data they need ("ephys" or "ophys").
+BUILT_STAGES: dict[str, str] = {"preprocess": "ephys", "peaks": "ephys"}
+#: Stages a stage cannot run without (their artifacts feed it).
+STAGE_NEEDS: dict[str, tuple[str, ...]] = {"peaks": ("preprocess",)}
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """What a run of ``process_session`` will do; small, travels between tasks."""
+
+    nwb_path: str
+    stages: tuple[str, ...]
+    workdir: str
+    ephys: SeriesInput | None = None
+
+
+def check_input(nwb_path: str | Path, params: SessionParams) -> tuple[tuple[str, ...], str | None]:
+    """Open the input read-only and decide (stages, ElectricalSeries object path); cheap.
+
+    Raises BadInputError for an unreadable file, unbuilt or inapplicable
+    stages and an ambiguous or missing series. Used by the CLI before it
+    starts Prefect, and by ``plan_session``.
+    """
+    with open_session(nwb_path) as session:
+        return _stages_and_series(session, Path(nwb_path), params)
+
+
+def _stages_and_series(session, nwb_path: Path, params: SessionParams) -> tuple[tuple[str, ...], str | None]:
+    content = {"ephys": bool(session.ephys_paths()), "ophys": bool(session.roi_paths())}
+    stages = _resolve_stages(params.stages, content, nwb_path)
+    series_path = None
+    if any(BUILT_STAGES[s] == "ephys" for s in stages):
+        series_path = session.select_ephys(params.electrical_series).object_path
+    return stages, series_path
+
+
+def plan_session(nwb_path: str | Path, params: SessionParams, workdir_root: str | Path) -> SessionPlan:
+    """Pick stages and series, hash the series, derive the work directory.
+
+    The work directory is keyed by the input's identity (content hash of the
+    series read), so a re-run on the same data finds its artifacts.
+    """
+    nwb_path = Path(nwb_path).resolve()
+    with open_session(nwb_path) as session:
+        stages, series_path = _stages_and_series(session, nwb_path, params)
+        ephys = None
+        if series_path is not None:
+            series = session.select_ephys(series_path)
+            ephys = SeriesInput(file=str(nwb_path), object=series_path, sha256=series.content_hash())
+    key = (ephys.sha256 if ephys else "").split(":")[-1][:16] or "nodata"
+    workdir = Path(workdir_root) / f"{nwb_path.stem}-{key}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    log.info("stages %s on %s; work directory %s", ",".join(stages), nwb_path, workdir)
+    return SessionPlan(nwb_path=str(nwb_path), stages=stages, workdir=str(workdir), ephys=ephys)
+
+
+def _resolve_stages(requested: tuple[str, ...] | None, content: dict[str, bool], path: Path) -> tuple[str, ...]:
+    if requested is None:
+        stages = {s for s, needs in BUILT_STAGES.items() if content[needs]}
+        if not stages:
+            raise BadInputError(
+                "nothing to run: no built stage applies to this file "
+                f"(ElectricalSeries: {content['ephys']}, RoiResponseSeries: {content['ophys']}; "
+                f"built stages: {', '.join(BUILT_STAGES)})", path=path,
+                fix="give a file with an ElectricalSeries")
+    else:
+        unbuilt = [s for s in requested if s not in BUILT_STAGES]
+        if unbuilt:
+            raise BadInputError(f"stage(s) {', '.join(unbuilt)} are not available in this nwbflow version",
+                                path=path, fix=f"choose among {', '.join(BUILT_STAGES)}")
+        missing = [s for s in requested if not content[BUILT_STAGES[s]]]
+        if missing:
+            raise BadInputError(f"stage(s) {', '.join(missing)} need data the file does not hold",
+                                path=path, fix="drop those stages or give a file with that data")
+        stages = set(requested)
+        for stage in requested:
+            stages.update(STAGE_NEEDS.get(stage, ()))
+    return tuple(s for s in STAGE_ORDER if s in stages)

@@ -1,0 +1,107 @@
+"""process_session end to end on a real (temporary) Prefect server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from prefect.client.orchestration import get_client
+from pynwb import NWBHDF5IO
+
+from conftest import sha256_of
+from nwbflow.errors import BadInputError
+from nwbflow.evaluation import score_detection
+from nwbflow.flows.session import process_session
+from nwbflow.nwb_io import layout
+from nwbflow.nwb_io.read import open_session
+from nwbflow.nwb_io.validate import validate_file
+from nwbflow.nwb_io.provenance import read_provenance
+from nwbflow.params import PeakParams, PreprocessParams, SessionParams
+from nwbflow.synth import load_ground_truth
+
+
+@pytest.fixture(scope="module")
+def processed(prefect_server, small_session, tmp_path_factory):
+    """Run the flow once; keep the state, output path and the input's hash from before the run."""
+    before = sha256_of(small_session)
+    out = tmp_path_factory.mktemp("processed") / "small_processed.nwb"
+    params = SessionParams(device="cpu", peaks=PeakParams(write_to_nwb=True))
+    state = process_session(str(small_session), str(out), params, return_state=True)
+    return {"state": state, "out": out, "input_sha": before, "summary": state.result()}
+
+
+def test_flow_completes_on_the_server_and_leaves_input_unchanged(processed, small_session):
+    assert processed["state"].is_completed()
+    assert sha256_of(small_session) == processed["input_sha"]
+    flow_run_id = processed["state"].state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+        assert run.state.is_completed()
+        task_runs = client.read_task_runs()
+        names = {t.name.split("-")[0] for t in task_runs if t.flow_run_id == flow_run_id}
+    assert {"preprocess", "peaks", "write"} <= names
+
+
+def test_provenance_rows_name_the_flow_run_inputs_and_outputs(processed, small_session):
+    flow_run_id = str(processed["state"].state_details.flow_run_id)
+    with open_session(small_session) as session:
+        series = session.select_ephys(None)
+        expected_input = {"file": str(small_session.resolve()), "object": series.object_path,
+                          "sha256": series.content_hash()}
+    with NWBHDF5IO(str(processed["out"]), "r") as io:
+        rows = read_provenance(io.read())
+    assert [r["stage"] for r in rows] == ["preprocess", "peaks"]
+    assert {r["flow_run_id"] for r in rows} == {flow_run_id}
+    assert all(r["task_run_id"] for r in rows) and len({r["task_run_id"] for r in rows}) == 2
+    for row in rows:
+        assert row["inputs"] == [expected_input]
+        assert row["start_time_utc"] <= row["end_time_utc"]
+        assert row["device"] == "cpu" and row["software"] == "nwbflow"
+    assert rows[0]["parameters"] == PreprocessParams().model_dump(mode="json")
+    assert rows[1]["parameters"]["threshold_mad"] == PeakParams().threshold_mad
+    assert layout.PEAKS_PATH in rows[1]["outputs"]
+
+
+def test_peaks_match_ground_truth_and_nwb_copy(processed, small_session):
+    peaks_path = next(s["artifacts"]["peaks"] for s in processed["summary"]["stages"] if s["stage"] == "peaks")
+    peaks = pq.read_table(peaks_path).to_pandas()
+    truth = load_ground_truth(small_session)
+    score = score_detection(peaks["sample_index"].to_numpy(), truth.ephys_sample_index, tolerance_samples=12)
+    # Synthetic units span ~40-200 µV against 10 µV noise; at 5 MAD nearly all are above threshold.
+    assert score.recall > 0.8, score
+    assert score.precision > 0.9, score
+    with NWBHDF5IO(str(processed["out"]), "r") as io:
+        table = io.read().processing[layout.ECEPHYS_MODULE][layout.PEAKS]
+        np.testing.assert_allclose(table["timestamp"][:], peaks["time_s"].to_numpy())
+
+
+def test_processed_file_passes_the_three_validators(processed, small_session):
+    report = validate_file(processed["out"])
+    assert report.not_run == ()
+    assert report.introduced_over(validate_file(small_session)) == ()
+    assert not [f for f in report.findings if f.validator == "pynwb"]
+
+
+def test_bad_input_fails_the_flow_with_a_clear_error(prefect_server, tmp_path):
+    not_nwb = tmp_path / "notes.nwb"
+    not_nwb.write_text("this is not HDF5")
+    with pytest.raises(BadInputError, match="notes.nwb"):
+        process_session(str(not_nwb), str(tmp_path / "out.nwb"), SessionParams(device="cpu"))
+    assert not (tmp_path / "out.nwb").exists()
+
+
+def test_dandi_validate_passes_once_organized(processed, tmp_path):
+    """The real `dandi validate` on a Dandiset holding the processed file (laid out by `dandi organize`)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dandi = Path(sys.executable).with_name("dandi")
+    (tmp_path / "dandiset.yaml").write_text("identifier: DANDI:000000\nname: nwbflow test\ndescription: test\n")
+    organize = subprocess.run([str(dandi), "organize", "-f", "copy", "-d", str(tmp_path), str(processed["out"])],
+                              capture_output=True, text=True, timeout=300)
+    assert organize.returncode == 0, organize.stderr[-2000:]
+    assert len(list(tmp_path.glob("sub-*/*.nwb"))) == 1
+    result = subprocess.run([str(dandi), "validate", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "No errors found" in result.stdout + result.stderr
