@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -20,9 +21,11 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Library logs (logging.getLogger("nwbflow...")) go to Prefect's handlers and the UI.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nwbflow")
     parser = _parser()
     args = parser.parse_args(argv)
-    if not args.debug and args.command in ("run", "demo"):
+    if not args.debug and args.command in ("run", "nightly", "demo"):
         _hide_tracebacks()
     try:
         return args.handler(args)
@@ -76,6 +79,17 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true", help="replace OUT.nwb and its sidecars if present")
     synth.set_defaults(handler=_synth)
 
+    nightly = sub.add_parser("nightly", parents=[common], help="process new or changed sessions under ROOT",
+                             description="Run the nightly flow once: every NWB file under ROOT that is new, "
+                                         "changed, or processed with other parameters or code is processed; "
+                                         "the rest are skipped. A <session>.nwbflow.yaml beside a file overlays "
+                                         "the parameters for that session.")
+    nightly.add_argument("root", metavar="ROOT", help="data root to scan for *.nwb")
+    nightly.add_argument("--out", metavar="DIR", help="where processed files go (default ROOT/processed)")
+    nightly.add_argument("--params", metavar="PARAMS.json|yaml", help="stage parameters file")
+    nightly.add_argument("--workdir", metavar="DIR", help="work directory (default OUT/.nwbflow-work)")
+    nightly.set_defaults(handler=_nightly)
+
     demo = sub.add_parser("demo", parents=[common], help="synthesize a session, process it, print a report",
                           description="Build a small synthetic session, run process_session on CPU on the "
                                       "embedded Prefect server, validate the output, print stage timings.")
@@ -96,6 +110,18 @@ def _run(args: argparse.Namespace) -> int:
     check_input(input_path, params)  # bad input fails here, before Prefect starts
     summary = process_session(str(input_path), args.output, params, args.workdir)
     print(stage_table(summary))
+    return EXIT_OK
+
+
+def _nightly(args: argparse.Namespace) -> int:
+    from nwbflow.flows.nightly import nightly
+    from nwbflow.params import load_session_params
+
+    params = load_session_params(args.params)
+    if not Path(args.root).is_dir():
+        raise BadInputError("data root is not a directory", path=args.root, fix="pass an existing folder")
+    outcome = nightly(args.root, args.out, params, args.workdir)
+    print(f"processed {len(outcome['processed'])}, skipped {len(outcome['skipped'])} (unchanged)")
     return EXIT_OK
 
 

@@ -44,3 +44,7 @@ class BadInputError(NwbflowError):
 
 class TransientError(NwbflowError):
     """A failure that may pass on retry (I/O, out of device memory)."""
+
+
+class StageTimeoutError(NwbflowError):
+    """A stage ran past its ``stage_timeout_s``; not retried (a retry would take as long)."""

@@ -77,6 +77,9 @@ class SessionParams(_Params):
     electrical_series: str | None = Field(
         None, description="Object path of the ElectricalSeries to process (e.g. 'acquisition/ElectricalSeriesAP'); "
                           "default: the only raw-band series.")
+    stage_timeout_s: float | None = Field(
+        None, gt=0, description="Stop a stage that runs longer than this (s); checked between chunks. "
+                                "Default: no limit.")
     preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
     peaks: PeakParams = Field(default_factory=PeakParams)
 

@@ -19,11 +19,16 @@ Examples
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Callable
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
 from nwbflow.errors import BadInputError
+
+#: Called after each chunk with (samples done, total samples); it may raise to stop the stage
+#: (the task layer uses it for progress bars, progress artifacts and stage timeouts).
+ProgressFn = Callable[[int, int], None]
 
 BYTES_PER_SAMPLE = 4  # float32 scratch binaries
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from scipy import signal
 
-from nwbflow.ephys.chunks import TraceSource, chunk_ranges, read_window, sample_chunk_ranges
+from nwbflow.ephys.chunks import ProgressFn, TraceSource, chunk_ranges, read_window, sample_chunk_ranges
 from nwbflow.errors import BadInputError
 from nwbflow.params import PreprocessParams
 
@@ -354,7 +354,7 @@ def estimate_covariance(source: TraceSource, ranges: np.ndarray, sos: np.ndarray
 
 
 def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path: str | Path, *,
-                         seed: int = 0) -> PreprocessResult:
+                         seed: int = 0, progress: ProgressFn | None = None) -> PreprocessResult:
     """Stream a recording through :func:`preprocess_chunk` into a float32 raw binary.
 
     Parameters
@@ -367,6 +367,9 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
         (a ``.partial`` file renamed into place once complete and synced).
     seed : int
         Seed of the choice of chunks sampled for offsets and whitening.
+    progress : callable, optional
+        Called after each written chunk with (samples done, total samples);
+        an exception it raises stops the stage and leaves no output file.
 
     Returns
     -------
@@ -394,7 +397,7 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
     out_path = Path(out_path)
     started = time.perf_counter()
     _stream_chunks(source, out_path, chunk_samples, margin, sos=sos, offsets_uv=offsets,
-                   common_reference=params.common_reference, whitening=whitening)
+                   common_reference=params.common_reference, whitening=whitening, progress=progress)
     elapsed = time.perf_counter() - started
     log.info("preprocessed %d samples x %d channels (%.1f s of recording) in %.2f s, margin %d samples",
              source.num_samples, source.num_channels, source.num_samples / fs, elapsed, margin)
@@ -413,7 +416,8 @@ def _check_source(source: TraceSource, params: PreprocessParams) -> None:
                             fix="set preprocess.common_reference=False")
 
 
-def _stream_chunks(source: TraceSource, out_path: Path, chunk_samples: int, margin: int, **chunk_kwargs) -> None:
+def _stream_chunks(source: TraceSource, out_path: Path, chunk_samples: int, margin: int, *,
+                   progress: ProgressFn | None, **chunk_kwargs) -> None:
     """Write every chunk's preprocessed core in order to ``out_path`` via a synced temporary file."""
     partial = out_path.with_name(out_path.name + ".partial")
     try:
@@ -423,6 +427,8 @@ def _stream_chunks(source: TraceSource, out_path: Path, chunk_samples: int, marg
                 core = preprocess_chunk(window.traces, margin_samples=margin,
                                         context=(window.context_before, window.context_after), **chunk_kwargs)
                 np.ascontiguousarray(core, dtype="<f4").tofile(handle)
+                if progress is not None:
+                    progress(int(end), source.num_samples)
             handle.flush()
             os.fsync(handle.fileno())
     except BaseException:

@@ -9,9 +9,10 @@ from nwbflow.nwb_io.provenance import ProvenanceRecord
 
 @dataclass(frozen=True)
 class StageOutcome:
-    """A finished stage: its timing, artifacts (name -> path), counts, provenance row."""
+    """A finished stage: its cache key, timing, artifacts (name -> path), counts, provenance row."""
 
     stage: str
+    key: str
     seconds: float
     provenance: ProvenanceRecord
     artifacts: dict[str, str] = field(default_factory=dict)

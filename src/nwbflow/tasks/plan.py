@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from nwbflow.errors import BadInputError
 from nwbflow.nwb_io.read import open_session
 from nwbflow.params import STAGE_ORDER, SessionParams
+from nwbflow.tasks.caching import file_identity, memoized_content_hash
 from nwbflow.tasks.provenance import SeriesInput
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ class SessionPlan:
     nwb_path: str
     stages: tuple[str, ...]
     workdir: str
+    input_identity: str
     ephys: SeriesInput | None = None
 
 
@@ -55,18 +58,24 @@ def plan_session(nwb_path: str | Path, params: SessionParams, workdir_root: str 
     The work directory is keyed by the input's identity (content hash of the
     series read), so a re-run on the same data finds its artifacts.
     """
-    nwb_path = Path(nwb_path).resolve()
+    nwb_path, workdir_root = Path(nwb_path).resolve(), Path(workdir_root)
+    workdir_root.mkdir(parents=True, exist_ok=True)
     with open_session(nwb_path) as session:
         stages, series_path = _stages_and_series(session, nwb_path, params)
         ephys = None
         if series_path is not None:
             series = session.select_ephys(series_path)
-            ephys = SeriesInput(file=str(nwb_path), object=series_path, sha256=series.content_hash())
+            sha = memoized_content_hash(workdir_root, nwb_path, series_path, series.content_hash)
+            ephys = SeriesInput(file=str(nwb_path), object=series_path, sha256=sha)
+    size, mtime_ns = file_identity(nwb_path)
+    identity = json.dumps({"path": str(nwb_path), "size": size, "mtime_ns": mtime_ns,
+                           "object": ephys.object if ephys else "", "sha256": ephys.sha256 if ephys else ""})
     key = (ephys.sha256 if ephys else "").split(":")[-1][:16] or "nodata"
-    workdir = Path(workdir_root) / f"{nwb_path.stem}-{key}"
+    workdir = workdir_root / f"{nwb_path.stem}-{key}"
     workdir.mkdir(parents=True, exist_ok=True)
     log.info("stages %s on %s; work directory %s", ",".join(stages), nwb_path, workdir)
-    return SessionPlan(nwb_path=str(nwb_path), stages=stages, workdir=str(workdir), ephys=ephys)
+    return SessionPlan(nwb_path=str(nwb_path), stages=stages, workdir=str(workdir), input_identity=identity,
+                       ephys=ephys)
 
 
 def _resolve_stages(requested: tuple[str, ...] | None, content: dict[str, bool], path: Path) -> tuple[str, ...]:

@@ -1,0 +1,98 @@
+"""The nightly flow: new sessions processed once, unchanged ones skipped, changed ones redone."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from conftest import sha256_of
+from nwbflow.errors import NwbflowError
+from nwbflow.flows.nightly import LEDGER, nightly
+from nwbflow.params import SessionParams
+from nwbflow.synth import SynthConfig, write_synthetic_session
+
+PARAMS = SessionParams(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nightly-root")
+    for index, subject in enumerate(("m1", "m2", "m3")):
+        (root / subject).mkdir()
+        write_synthetic_session(root / subject / "session.nwb",
+                                SynthConfig(duration_s=3.0, num_channels=16, num_units=4, ophys=False, seed=index))
+    return root
+
+
+def _hashes(root):
+    return {p: sha256_of(p) for p in sorted(root.glob("m*/*.nwb"))}
+
+
+def test_first_run_processes_all_then_none(prefect_server, data_root):
+    before = _hashes(data_root)
+    first = nightly(str(data_root), params=PARAMS)
+    assert sorted(first["processed"]) == ["m1/session.nwb", "m2/session.nwb", "m3/session.nwb"]
+    assert first["failed"] == []
+    assert all((data_root / "processed" / s).with_name("session_processed.nwb").is_file() for s in ("m1/x", "m2/x"))
+    assert (data_root / "processed" / LEDGER).is_file()
+    second = nightly(str(data_root), params=PARAMS)
+    assert second["processed"] == [] and len(second["skipped"]) == 3
+    assert _hashes(data_root) == before
+
+
+def test_touched_session_or_session_parameter_change_reprocesses_exactly_one(prefect_server, data_root):
+    nightly(str(data_root), params=PARAMS)  # settle (no-op when the test above ran)
+    session = data_root / "m2" / "session.nwb"
+    stat = session.stat()
+    os.utime(session, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert nightly(str(data_root), params=PARAMS)["processed"] == ["m2/session.nwb"]
+    (data_root / "m3" / "session.nwbflow.yaml").write_text("peaks:\n  threshold_mad: 6.0\n")
+    assert nightly(str(data_root), params=PARAMS)["processed"] == ["m3/session.nwb"]
+    assert nightly(str(data_root), params=PARAMS)["processed"] == []
+
+
+def test_deleted_output_is_redone_and_code_params_change_redoes_all(prefect_server, data_root):
+    nightly(str(data_root), params=PARAMS)
+    (data_root / "processed" / "m1" / "session_processed.nwb").unlink()
+    assert nightly(str(data_root), params=PARAMS)["processed"] == ["m1/session.nwb"]
+    changed = SessionParams(device="cpu", peaks={"exclusion_radius_um": 40.0})  # m3 overrides only the threshold
+    assert len(nightly(str(data_root), params=changed)["processed"]) == 3
+
+
+def test_a_broken_session_fails_alone_and_the_run_says_so(prefect_server, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    write_synthetic_session(root / "good.nwb", SynthConfig(duration_s=2.0, num_channels=16, num_units=3,
+                                                           ophys=False, seed=5))
+    (root / "broken.nwb").write_text("not an HDF5 file")
+    shutil.copy(root / "good.nwb", root / ".hidden.nwb")
+    state = nightly(str(root), params=PARAMS, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(NwbflowError, match="broken.nwb"):
+        state.result()
+    assert (root / "processed" / "good_processed.nwb").is_file()
+    assert not (root / "processed" / ".hidden_processed.nwb").exists()
+
+
+def test_session_override_does_not_mask_a_global_change_of_another_parameter(prefect_server, tmp_path):
+    """An override of one parameter keeps that value while a changed global parameter still applies."""
+    from nwbflow.flows.nightly import session_params
+
+    nwb = tmp_path / "s.nwb"
+    nwb.write_bytes(b"")
+    (tmp_path / "s.nwbflow.yaml").write_text("peaks:\n  threshold_mad: 6.0\n")
+    merged = session_params(nwb, SessionParams(device="cpu", peaks={"threshold_mad": 5.5, "sweep_ms": 0.2}))
+    assert (merged.peaks.threshold_mad, merged.peaks.sweep_ms, merged.device) == (6.0, 0.2, "cpu")
+
+
+def test_invalid_session_override_names_the_file(tmp_path):
+    from nwbflow.errors import BadInputError
+    from nwbflow.flows.nightly import session_params
+
+    nwb = tmp_path / "s.nwb"
+    nwb.write_bytes(b"")
+    (tmp_path / "s.nwbflow.yaml").write_text("peaks:\n  threshold_mad: -1\n")
+    with pytest.raises(BadInputError, match="s.nwbflow.yaml"):
+        session_params(nwb, PARAMS)
