@@ -26,5 +26,10 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest
 
+bench: install
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	$(BIN)/python benchmarks/preprocess.py --duration-s 60 --long-duration-s 600 --threads 1 2
+	$(BIN)/python benchmarks/pipeline.py
+
 clean:
 	rm -rf $(VENV) nwbflow-demo .pytest_cache

@@ -1,18 +1,26 @@
-"""Preprocessing kernel: band-pass against scipy, chunk invariance, whitening, bad input, memory."""
+"""Preprocessing kernel: band-pass against scipy, chunk invariance, whitening, median, bad input, memory, OOM."""
 
 from __future__ import annotations
 
+import logging
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy import signal
 
-from nwbflow.ephys.chunks import ArraySource, TraceSource, open_binary
+from nwbflow.device import OomBackoff
+from nwbflow.ephys.chunks import (ArraySource, BackgroundWriter, TraceSource, WindowPrefetcher, open_binary,
+                                  read_window)
 from nwbflow.ephys.preprocess import (
     PreprocessResult,
     design_bandpass,
+    fft_length,
     filter_margin_samples,
+    local_whitening_matrix,
+    median_across_channels,
     preprocess_chunk,
     preprocess_to_binary,
     whitening_matrix,
@@ -22,6 +30,13 @@ from nwbflow.errors import BadInputError
 from nwbflow.params import PreprocessParams
 
 FS_HZ = 30_000.0
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])])
+def device(request) -> str:
+    """Every kernel test runs on the CPU, and on CUDA where there is one."""
+    return request.param
 
 
 class BlockNoiseSource:
@@ -55,12 +70,20 @@ def _read(result: PreprocessResult) -> np.ndarray:
     return np.fromfile(result.out_path, dtype=np.float32).reshape(result.num_samples, result.num_channels)
 
 
-def _whole_array(source: TraceSource, params: PreprocessParams, result: PreprocessResult) -> np.ndarray:
+def _whole_array(source: TraceSource, params: PreprocessParams, result: PreprocessResult,
+                 device: str = "cpu") -> np.ndarray:
     """The whole recording as one chunk (no chunk boundaries), same offsets and whitening."""
     sos = design_bandpass(params.freq_min_hz, params.freq_max_hz, source.sampling_rate_hz, params.filter_order)
     return preprocess_chunk(source.get_traces(0, source.num_samples), sos, result.margin_samples, context=(0, 0),
                             offsets_uv=result.offsets_uv, common_reference=params.common_reference,
-                            whitening=result.whitening)
+                            whitening=result.whitening, device=device).cpu().numpy()
+
+
+def _spatially_correlated_mixing(num_channels: int, pitch_um: float, length_um: float) -> np.ndarray:
+    """Mixing whose covariance is 100 µV² x (0.8 exp(-distance / length) + 0.2 I) on a line of channels."""
+    positions_um = np.arange(num_channels) * pitch_um
+    correlation = np.exp(-np.abs(positions_um[:, None] - positions_um[None]) / length_um)
+    return 10.0 * np.linalg.cholesky(0.8 * correlation + 0.2 * np.eye(num_channels))
 
 
 def test_source_protocol_is_satisfied():
@@ -68,10 +91,14 @@ def test_source_protocol_is_satisfied():
     assert isinstance(ArraySource(np.zeros((3, 2), np.float32), FS_HZ), TraceSource)
 
 
-def test_bandpass_equals_sosfiltfilt_away_from_the_ends(tmp_path):
+# ----------------------------------------------------------------------------------------------- filter
+
+
+def test_bandpass_equals_sosfiltfilt_away_from_the_ends(tmp_path, device):
     source = BlockNoiseSource(90_000, 10.0 * np.eye(8), seed=1, lfp_uv=200.0)
     params = PreprocessParams(common_reference=False, whiten=False, chunk_duration_s=0.25)
-    result = preprocess_to_binary(source, params, tmp_path / "filtered.bin")
+    result = preprocess_to_binary(source, params, tmp_path / "filtered.bin", device=device)
+    assert result.device == str(torch.device(device))
     sos = design_bandpass(300.0, 6000.0, FS_HZ, order=3)
     expected = signal.sosfiltfilt(sos, source.get_traces(0, source.num_samples).astype(np.float64), axis=0)
     inner = slice(result.margin_samples, source.num_samples - result.margin_samples)
@@ -79,11 +106,21 @@ def test_bandpass_equals_sosfiltfilt_away_from_the_ends(tmp_path):
     assert error <= 1e-3 * expected.std(), error / expected.std()
 
 
-def test_zero_phase_filter_is_sosfiltfilt_without_padding():
-    x = np.random.default_rng(2).normal(size=(5000, 3))
+@pytest.mark.parametrize("num_samples", [1, 100, 5_000])  # shorter than the margin (442), and longer
+def test_zero_phase_filter_is_sosfiltfilt_of_the_oddly_padded_signal(device, num_samples):
+    x = np.random.default_rng(2).normal(size=(num_samples, 3)) + [0.0, 50.0, -20.0]
     sos = design_bandpass(300.0, 6000.0, FS_HZ, order=3)
-    np.testing.assert_allclose(zero_phase_filter(x, sos), signal.sosfiltfilt(sos, x, axis=0, padtype=None),
-                               atol=1e-12)
+    margin = filter_margin_samples(sos)
+    padded = np.pad(x, ((margin, margin), (0, 0)), mode="reflect", reflect_type="odd")
+    expected = signal.sosfiltfilt(sos, padded, axis=0, padtype=None)[margin:margin + num_samples]
+    filtered = zero_phase_filter(x, sos, device=device)
+    assert filtered.dtype == torch.float32 and filtered.device.type == torch.device(device).type
+    float32_rounding = 1e-5 * np.abs(x).max()  # of the FFT, relative to the input's scale (here its offsets)
+    np.testing.assert_allclose(filtered.cpu().numpy(), expected, atol=1e-4 * x.std() + float32_rounding)
+    if num_samples > 2 * margin:  # and scipy's own odd padding agrees away from the ends
+        inner = slice(margin, num_samples - margin)
+        default = signal.sosfiltfilt(sos, x, axis=0)
+        assert np.max(np.abs(filtered.cpu().numpy()[inner] - default[inner])) <= 1e-3 * default.std()
 
 
 def test_margin_bounds_the_truncation_error():
@@ -91,37 +128,102 @@ def test_margin_bounds_the_truncation_error():
     margin = filter_margin_samples(sos, tol=1e-6)
     impulse = np.zeros(8 * margin + 1)
     impulse[4 * margin] = 1.0
-    response = np.abs(zero_phase_filter(impulse[:, None], sos)[:, 0])
+    response = np.abs(signal.sosfiltfilt(sos, impulse, padtype=None))
     outside = response[:4 * margin - margin].sum() + response[4 * margin + margin + 1:].sum()
     assert outside <= 1e-6 * response.sum()
     assert filter_margin_samples(sos, tol=1e-3) < margin < filter_margin_samples(sos, tol=1e-9)
 
 
+def test_fft_lengths_are_radix_2_heavy_5_smooth_and_minimal():
+    def allowed(n):
+        exponents = []
+        for p in (2, 3, 5):
+            exponents.append(0)
+            while n % p == 0:
+                n, exponents[-1] = n // p, exponents[-1] + 1
+        return n == 1 and exponents[0] >= exponents[1] + exponents[2]
+    for n in [1, 2, 7, 11, 97, 1000, 10_922, 30_884, 65_537]:
+        length = fft_length(n)
+        assert n <= length <= 4 * n / 3 + 1 and allowed(length)
+        assert not any(allowed(m) for m in range(n, length))
+
+
 @pytest.mark.parametrize("common_reference,whiten", [(False, False), (True, True)])
-def test_chunk_boundaries_are_invisible(tmp_path, common_reference, whiten):
+def test_chunk_boundaries_are_invisible(tmp_path, device, common_reference, whiten):
     mixing = 10.0 * np.eye(6) + 4.0
     source = BlockNoiseSource(45_000, mixing, seed=3, lfp_uv=300.0)
     params = PreprocessParams(common_reference=common_reference, whiten=whiten, chunk_duration_s=0.1,
                               noise_sample_chunks=5)
-    result = preprocess_to_binary(source, params, tmp_path / "chunked.bin")
-    whole = _whole_array(source, params, result)
+    result = preprocess_to_binary(source, params, tmp_path / "chunked.bin", device=device)
+    whole = _whole_array(source, params, result, device)
     error = np.max(np.abs(_read(result) - whole))
     assert error <= 1e-3 * whole.std(), error / whole.std()
 
 
-def test_whitening_gives_identity_covariance(tmp_path):
-    positions_um = np.arange(16) * 20.0
-    correlation = np.exp(-np.abs(positions_um[:, None] - positions_um[None]) / 40.0)
-    mixing = 10.0 * np.linalg.cholesky(0.8 * correlation + 0.2 * np.eye(16))
+# -------------------------------------------------------------------------------------- common reference
+
+
+@pytest.mark.parametrize("num_channels", [1, 2, 5, 64, 384])
+def test_median_across_channels_equals_numpy(device, num_channels):
+    rng = np.random.default_rng(num_channels)
+    continuous = rng.normal(0.0, 30.0, size=(2_000, num_channels)).astype(np.float32)
+    int16_like = (np.round(rng.normal(0.0, 3.0, size=(2_000, num_channels))) * 0.195).astype(np.float32)
+    ties = rng.choice(np.array([-1.0, -0.0, 0.0, 2.0], dtype=np.float32), size=(2_000, num_channels))
+    for traces in (continuous, int16_like, ties):
+        median = median_across_channels(torch.as_tensor(traces, device=device))
+        np.testing.assert_array_equal(median.cpu().numpy(), np.median(traces, axis=1))
+
+
+# -------------------------------------------------------------------------------------------- whitening
+
+
+def test_whitening_gives_identity_covariance(tmp_path, device):
+    mixing = _spatially_correlated_mixing(16, pitch_um=20.0, length_um=40.0)
     source = BlockNoiseSource(300_000, mixing, seed=4, lfp_uv=100.0)
     params = PreprocessParams(common_reference=False, whiten=True, chunk_duration_s=0.5)
-    result = preprocess_to_binary(source, params, tmp_path / "white.bin")
+    result = preprocess_to_binary(source, params, tmp_path / "white.bin", device=device)
     white = _read(result).astype(np.float64)
     cov = white.T @ white / len(white)
     off_diagonal = cov[~np.eye(16, dtype=bool)]
     assert np.max(np.abs(off_diagonal)) < 0.05
     assert np.max(np.abs(np.diag(cov) - 1.0)) < 0.05
     np.testing.assert_allclose(result.whitening_inverse @ result.whitening, np.eye(16), atol=1e-9)
+
+
+def test_local_whitening_gives_identity_covariance_within_the_radius(tmp_path, device):
+    num_channels, pitch_um, radius_um = 24, 20.0, 60.0
+    source = BlockNoiseSource(300_000, _spatially_correlated_mixing(num_channels, pitch_um, 40.0), seed=9)
+    source.channel_positions_um = np.c_[np.zeros(num_channels), np.arange(num_channels) * pitch_um]
+    params = PreprocessParams(common_reference=False, whitening_mode="local", whitening_radius_um=radius_um,
+                              chunk_duration_s=0.5)
+    result = preprocess_to_binary(source, params, tmp_path / "local.bin", device=device)
+    distance_um = np.abs(source.channel_positions_um[:, 1, None] - source.channel_positions_um[None, :, 1])
+    assert np.all(result.whitening[distance_um > radius_um] == 0.0)  # sparse: neighbourhoods only
+    white = _read(result).astype(np.float64)
+    cov = white.T @ white / len(white)
+    within = (distance_um <= radius_um) & ~np.eye(num_channels, dtype=bool)
+    assert np.max(np.abs(cov[within])) < 0.05
+    assert np.max(np.abs(np.diag(cov) - 1.0)) < 0.05
+    np.testing.assert_allclose(result.whitening_inverse @ result.whitening, np.eye(num_channels), atol=1e-9)
+
+
+def test_local_whitening_needs_channel_positions(tmp_path):
+    source = BlockNoiseSource(1_000, np.eye(4))
+    with pytest.raises(BadInputError, match="local whitening needs channel positions"):
+        preprocess_to_binary(source, PreprocessParams(whitening_mode="local"), tmp_path / "x.bin")
+    with pytest.raises(BadInputError, match=r"must be finite \(4, 2\)"):
+        preprocess_to_binary(source, PreprocessParams(whitening_mode="local"), tmp_path / "x.bin",
+                             channel_positions_um=np.zeros((3, 2)))
+    assert not (tmp_path / "x.bin").exists()
+
+
+def test_local_whitening_with_a_radius_spanning_the_probe_is_global_whitening():
+    rng = np.random.default_rng(10)
+    a = rng.normal(size=(6, 6))
+    cov = a @ a.T + 0.5 * np.eye(6)
+    positions_um = np.c_[np.zeros(6), np.arange(6) * 20.0]
+    np.testing.assert_allclose(local_whitening_matrix(cov, positions_um, 1000.0, 1e-3),
+                               whitening_matrix(cov, 1e-3), atol=1e-12)
 
 
 def test_whitening_matrix_is_zca():
@@ -135,30 +237,42 @@ def test_whitening_matrix_is_zca():
         whitening_matrix(np.zeros((3, 3)), regularization=0.1)
 
 
+# ------------------------------------------------------------------------------------- ends, bad input
+
+
 @pytest.mark.parametrize("num_samples", [1, 100, 2_000])  # < margin (442), < margin, < one chunk
-def test_recordings_shorter_than_the_margin_or_a_chunk(tmp_path, num_samples):
+def test_recordings_shorter_than_the_margin_or_a_chunk(tmp_path, device, num_samples):
     source = BlockNoiseSource(num_samples, 10.0 * np.eye(4) + 2.0, seed=6)
     params = PreprocessParams(chunk_duration_s=0.5, whiten=num_samples > 1)
-    result = preprocess_to_binary(source, params, tmp_path / "short.bin")
+    result = preprocess_to_binary(source, params, tmp_path / "short.bin", device=device)
     assert num_samples < 15_000 and (num_samples > 1_000 or num_samples < result.margin_samples)
     out = _read(result)
     assert out.shape == (num_samples, 4) and np.all(np.isfinite(out))
-    np.testing.assert_allclose(out, _whole_array(source, params, result), atol=1e-4 * max(out.std(), 1e-3))
+    np.testing.assert_allclose(out, _whole_array(source, params, result, device),
+                               atol=1e-4 * max(out.std(), 1e-3))
 
 
-def test_nan_is_refused_with_the_sample_range(tmp_path):
+def test_nan_is_refused_with_the_sample_range(tmp_path, device):
     traces = np.random.default_rng(7).normal(size=(20_000, 4)).astype(np.float32)
     traces[12_345, 2] = np.nan
     params = PreprocessParams(chunk_duration_s=0.1, noise_sample_chunks=2)
     with pytest.raises(BadInputError, match=r"NaN/Inf in samples \[\d+, \d+\) \(first at sample 12345"):
-        preprocess_to_binary(ArraySource(traces, FS_HZ), params, tmp_path / "nan.bin")
+        preprocess_to_binary(ArraySource(traces, FS_HZ), params, tmp_path / "nan.bin", device=device)
     assert not (tmp_path / "nan.bin").exists() and not (tmp_path / "nan.bin.partial").exists()
+    traces[12_345, 2] = np.inf  # and Inf, in the streaming pass alone (no chunk sampled for estimates)
+    params = PreprocessParams(chunk_duration_s=0.1, noise_sample_chunks=1, whiten=False)
+    with pytest.raises(BadInputError, match=r"\(first at sample 12345, channel index 2\)"):
+        preprocess_to_binary(ArraySource(traces, FS_HZ), params, tmp_path / "inf.bin", device=device)
+    assert not (tmp_path / "inf.bin").exists() and not (tmp_path / "inf.bin.partial").exists()
 
 
 def test_band_above_nyquist_is_refused(tmp_path):
     source = BlockNoiseSource(1000, np.eye(2), sampling_rate_hz=10_000.0)
     with pytest.raises(BadInputError, match="Nyquist"):
         preprocess_to_binary(source, PreprocessParams(freq_max_hz=6000.0), tmp_path / "x.bin")
+
+
+# ------------------------------------------------------------------------------------------ memory, OOM
 
 
 def _peak_traced_bytes(source: TraceSource, params: PreprocessParams, out_path) -> int:
@@ -180,3 +294,116 @@ def test_memory_is_bounded_by_the_chunk_not_the_recording(tmp_path):
     peak_long = _peak_traced_bytes(long, params, tmp_path / "long.bin")
     assert peak_long <= 1.2 * peak_short, (peak_short, peak_long)
     assert open_binary(tmp_path / "long.bin", 8, 10_000.0).num_samples == 100_000
+
+
+def _peak_growth_bytes(source: TraceSource, params: PreprocessParams, out_path, device: str) -> int:
+    """Peak memory growth during a run: CUDA's allocator peak, or the process's resident-set high-water mark."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        preprocess_to_binary(source, params, out_path, device=device)
+        return torch.cuda.max_memory_allocated(device) - base
+    status = Path("/proc/self/status")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+    except OSError:
+        pytest.skip("cannot reset the resident-set high-water mark here")
+
+    def kib(field: str) -> int:
+        return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith(field))
+
+    base = kib("VmRSS:")
+    preprocess_to_binary(source, params, out_path, device=device)
+    return 1024 * (kib("VmHWM:") - base)
+
+
+def test_device_memory_does_not_grow_with_the_recording(tmp_path, device):
+    """torch allocations (which tracemalloc does not see) are bounded by the chunk too."""
+    params = PreprocessParams(chunk_duration_s=0.2, noise_sample_chunks=3)
+    mixing = 10.0 * np.eye(16) + 1.0
+    recording_bytes = 600_000 * 16 * 4  # 38 MB of float32 output
+    short, long = BlockNoiseSource(60_000, mixing, seed=11), BlockNoiseSource(600_000, mixing, seed=11)
+    _peak_growth_bytes(short, params, tmp_path / "warm.bin", device)  # caches, FFT plans, allocator pools
+    peak_short = _peak_growth_bytes(short, params, tmp_path / "short.bin", device)
+    peak_long = _peak_growth_bytes(long, params, tmp_path / "long.bin", device)
+    assert peak_long - peak_short < recording_bytes / 8, (peak_short, peak_long)
+
+
+def test_oom_backoff_halves_the_chunk_and_continues(caplog):
+    calls = []
+
+    def step(lo, hi):
+        calls.append((lo, hi))
+        if hi - lo > 300:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+
+    backoff = OomBackoff(1000, min_chunk_samples=100)
+    with caplog.at_level(logging.WARNING, logger="nwbflow.device"):
+        backoff.run(step, 50, 2_050)
+    assert calls[:3] == [(50, 1050), (50, 550), (50, 300)]  # halved twice, from the same start
+    done = [c for c in calls if c[1] - c[0] <= 300]
+    assert done[0] == (50, 300) and done[-1][1] == 2_050
+    assert all(a[1] == b[0] for a, b in zip(done, done[1:]))  # consecutive: nothing skipped or repeated
+    assert backoff.chunk_samples == 250 and "out of memory" in caplog.text
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # below the floor the error goes through
+        OomBackoff(1000, min_chunk_samples=400).run(step, 0, 1000)
+    with pytest.raises(ValueError, match="not memory"):  # other errors are not retried
+        OomBackoff(1000).run(lambda lo, hi: (_ for _ in ()).throw(ValueError("not memory")), 0, 10)
+
+
+class _OomAboveSource(BlockNoiseSource):
+    """Raises a (fake) CUDA out-of-memory error on any read of more than ``limit`` samples."""
+
+    limit = 10_000
+
+    def get_traces(self, start_sample: int, end_sample: int) -> np.ndarray:
+        if end_sample - start_sample > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        return super().get_traces(start_sample, end_sample)
+
+
+def test_preprocess_to_binary_survives_out_of_memory(tmp_path, device):
+    mixing = 10.0 * np.eye(4) + 2.0
+    params = PreprocessParams(common_reference=False, whiten=False, chunk_duration_s=1.0)
+    progress: list[tuple[int, int]] = []
+    result = preprocess_to_binary(_OomAboveSource(100_000, mixing, seed=12, lfp_uv=50.0), params,
+                                  tmp_path / "oom.bin", device=device, progress=lambda d, t: progress.append((d, t)))
+    reference = preprocess_to_binary(BlockNoiseSource(100_000, mixing, seed=12, lfp_uv=50.0), params,
+                                     tmp_path / "ref.bin", device=device)
+    out, expected = _read(result), _read(reference)
+    assert np.max(np.abs(out - expected)) <= 1e-3 * expected.std()
+    assert progress[-1] == (100_000, 100_000) and len(progress) > 10  # chunks of < 10k samples after halving
+    assert all(a[0] < b[0] for a, b in zip(progress, progress[1:]))
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # at most 2 x margin: not worth going on
+        _OomAboveSource.limit = 3 * result.margin_samples
+        try:
+            preprocess_to_binary(_OomAboveSource(100_000, mixing, seed=12), params, tmp_path / "x.bin", device=device)
+        finally:
+            _OomAboveSource.limit = 10_000
+    assert not (tmp_path / "x.bin").exists() and not (tmp_path / "x.bin.partial").exists()
+
+
+# ------------------------------------------------------------------------------------- background I/O
+
+
+def test_window_prefetcher_serves_the_same_windows_as_read_window():
+    source = BlockNoiseSource(10_000, np.eye(3), seed=13)
+    plan = np.array([[1_000, 3_000], [6_000, 9_000]])
+    asked = [(1_000, 2_000), (2_000, 3_000), (6_000, 7_500), (7_500, 9_000), (0, 500), (500, 10_000)]
+    with WindowPrefetcher(source, 50, plan=plan) as reader:
+        for start, end in asked:  # followed, split, jumped back, outside the plan
+            got, expected = reader.read(start, end), read_window(source, start, end, 50)
+            assert (got.context_before, got.context_after) == (expected.context_before, expected.context_after)
+            np.testing.assert_array_equal(got.traces, expected.traces)
+
+
+def test_background_writer_raises_write_errors():
+    class FullDisk:
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        with BackgroundWriter(FullDisk()) as writer:
+            for _ in range(5):
+                writer.write(np.zeros(10, dtype=np.float32))

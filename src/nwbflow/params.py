@@ -39,11 +39,18 @@ class PreprocessParams(_Params):
                               description="Butterworth order of each pass (applied forward and backward).")
     common_reference: bool = Field(True, description="Subtract the median across channels per sample.")
     whiten: bool = Field(True, description="Apply ZCA whitening estimated from sampled chunks.")
+    whitening_mode: Literal["global", "local"] = Field(
+        "global", description="ZCA over all channels, or per channel over its neighbourhood (Kilosort-style).")
+    whitening_radius_um: float = Field(
+        100.0, gt=0, le=2000, description="Neighbourhood radius of local whitening (µm).")
     whitening_regularization: float = Field(
         1e-3, ge=0, le=1,
         description="eps added to covariance eigenvalues, as a fraction of their mean (unitless).")
     noise_sample_chunks: int = Field(
         20, ge=1, le=1000, description="Chunks sampled to estimate offsets and the whitening matrix.")
+    noise_sample_duration_s: float = Field(
+        0.33, gt=0.005, le=60, description="Length of each sampled chunk (s); 20 x 0.33 s = 200k samples, "
+                                           "as SpikeInterface's whitening uses.")
     chunk_duration_s: float = Field(1.0, gt=0.01, le=60, description="Samples processed at once (s).")
 
     @model_validator(mode="after")
@@ -63,8 +70,14 @@ class PeakParams(_Params):
         50.0, ge=0, le=1000, description="A peak must be the largest within this distance (µm).")
     sweep_ms: float = Field(0.1, ge=0, le=5,
                             description="... and within this many ms before and after (ms).")
+    localization: Literal["center_of_mass", "monopolar_triangulation"] = Field(
+        "center_of_mass", description="How a peak's position is estimated from its neighbourhood's amplitudes.")
     localization_radius_um: float = Field(
-        75.0, gt=0, le=1000, description="Channels within this distance weigh in the center of mass (µm).")
+        75.0, gt=0, le=1000, description="Channels within this distance are used to localize a peak (µm).")
+    noise_sample_chunks: int = Field(
+        20, ge=1, le=1000, description="Chunks sampled to estimate each channel's noise level (MAD).")
+    noise_sample_duration_s: float = Field(
+        0.33, gt=0.005, le=60, description="Length of each chunk sampled for the noise level (s).")
     write_to_nwb: bool = Field(False, description="Also write peaks to the NWB file as an EventsTable.")
 
 

@@ -18,9 +18,13 @@ Examples
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import queue
+import threading
 from collections.abc import Callable
-from typing import NamedTuple, Protocol, runtime_checkable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -80,7 +84,40 @@ class ArraySource:
         return np.array(self._traces[start_sample:end_sample], dtype=np.float32)
 
 
-def open_binary(path: str | Path, num_channels: int, sampling_rate_hz: float = float("nan")) -> ArraySource:
+class BinaryFileSource:
+    """A (num_samples, num_channels) float32 raw binary read with explicit reads, not mmap.
+
+    Pages of a memory map stay resident after they are read, so a mapped
+    binary makes the process's RSS grow with the recording's length; explicit
+    reads keep it at one chunk.
+    """
+
+    def __init__(self, path: Path, num_channels: int, num_samples: int, sampling_rate_hz: float):
+        self.path, self.num_channels, self.num_samples = path, int(num_channels), int(num_samples)
+        self.sampling_rate_hz = sampling_rate_hz
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def get_traces(self, start_sample: int, end_sample: int) -> np.ndarray:
+        """(end - start, num_channels) float32 rows of the binary."""
+        start, end = max(int(start_sample), 0), min(int(end_sample), self.num_samples)
+        traces = np.empty((max(end - start, 0), self.num_channels), dtype="<f4")
+        if traces.size:
+            got = os.preadv(self._fd, [memoryview(traces).cast("B")], start * self.num_channels * BYTES_PER_SAMPLE)
+            if got != traces.nbytes:
+                raise OSError(f"{self.path}: short read ({got} of {traces.nbytes} bytes)")
+        return traces
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def open_binary(path: str | Path, num_channels: int,
+                sampling_rate_hz: float = float("nan")) -> ArraySource | BinaryFileSource:
     """Open a (num_samples, num_channels) float32 C-order raw binary read-only as a source.
 
     Parameters
@@ -106,8 +143,7 @@ def open_binary(path: str | Path, num_channels: int, sampling_rate_hz: float = f
     num_samples = size // row_bytes
     if num_samples == 0:
         return ArraySource(np.zeros((0, num_channels), dtype=np.float32), sampling_rate_hz)
-    traces = np.memmap(path, dtype=np.float32, mode="r", shape=(num_samples, num_channels))
-    return ArraySource(traces, sampling_rate_hz)
+    return BinaryFileSource(path, num_channels, num_samples, sampling_rate_hz)
 
 
 def chunk_ranges(num_samples: int, chunk_samples: int) -> np.ndarray:
@@ -193,3 +229,134 @@ def read_window(source: TraceSource, start: int, end: int, margin_samples: int) 
         raise BadInputError(f"source returned shape {traces.shape} for samples [{lo}, {hi}), "
                             f"expected {(hi - lo, source.num_channels)}")
     return Window(traces, start - lo, hi - end)
+
+
+class WindowPrefetcher:
+    """:func:`read_window` that reads the next window on a background thread while the caller computes.
+
+    After ``read(start, end)``, the next window is read in the background:
+    ``[end, 2 end - start)`` clipped to the planned range holding
+    ``[start, end)``, or the next planned range once that one is done (the
+    plan defaults to the whole recording). A next call for exactly that range
+    gets it without waiting; any other call waits for the read in flight,
+    drops it and reads synchronously, so the source never serves two reads at
+    once. An error of a read ahead is raised by the ``read`` that asks for it.
+
+    Parameters
+    ----------
+    source : TraceSource
+    margin_samples : int
+        As :func:`read_window`.
+    plan : (k, 2) int, optional
+        The ranges the caller will read, in order (e.g. sampled chunks).
+    """
+
+    def __init__(self, source: TraceSource, margin_samples: int, plan: np.ndarray | None = None):
+        self._source, self._margin = source, int(margin_samples)
+        self._plan = None if plan is None else [(int(a), int(b)) for a, b in plan]
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nwbflow-reader")
+        self._ahead: tuple[int, int, Future] | None = None
+
+    def read(self, start: int, end: int) -> Window:
+        """The window around ``[start, end)``, as :func:`read_window`."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:2] == (start, end):
+            window = ahead[2].result()
+        else:
+            _settle(ahead)
+            window = read_window(self._source, start, end, self._margin)
+        following = self._following(start, end)
+        if following is not None:
+            self._ahead = (*following, self._executor.submit(read_window, self._source, *following, self._margin))
+        return window
+
+    def _following(self, start: int, end: int) -> tuple[int, int] | None:
+        """The next window of the same length inside the planned range holding ``[start, end)``, else the next range."""
+        plan = self._plan if self._plan is not None else [(0, self._source.num_samples)]
+        for position, (first, last) in enumerate(plan):
+            if first <= start and end <= last:
+                if end < last:
+                    return end, min(2 * end - start, last)
+                return plan[position + 1] if position + 1 < len(plan) else None
+        return None
+
+    def close(self) -> None:
+        """Wait for (and drop) the read in flight; stop the thread."""
+        ahead, self._ahead = self._ahead, None
+        _settle(ahead)
+        self._executor.shutdown(wait=True)
+
+    def __enter__(self) -> WindowPrefetcher:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _settle(ahead: tuple[int, int, Future] | None) -> None:
+    """Wait for a read ahead that will not be used; its result or error is dropped."""
+    if ahead is not None and not ahead[2].cancel():
+        ahead[2].exception()
+
+
+class BackgroundWriter:
+    """Append arrays' bytes to a binary file from one background thread, so writing overlaps computing.
+
+    ``write(array)`` hands a C-contiguous array over (keep it unchanged
+    afterwards) and returns at once unless ``depth`` writes are already
+    pending, which bounds the memory held to ``depth + 1`` arrays. A write
+    error is raised by the next ``write`` or by leaving the ``with`` block;
+    leaving it because of another exception drops what is pending.
+
+    Parameters
+    ----------
+    handle : binary file opened for writing (best unbuffered: ``open(path, "wb", buffering=0)``).
+    depth : int
+        Arrays that may wait while one is being written.
+
+    Examples
+    --------
+    >>> import io
+    >>> sink = io.BytesIO()
+    >>> with BackgroundWriter(sink) as writer:
+    ...     writer.write(np.arange(3, dtype="<i2"))
+    >>> sink.getvalue()
+    b'\\x00\\x00\\x01\\x00\\x02\\x00'
+    """
+
+    def __init__(self, handle: BinaryIO, depth: int = 1):
+        self._handle = handle
+        self._pending: queue.Queue = queue.Queue(maxsize=max(int(depth), 1))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="nwbflow-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (array := self._pending.get()) is not None:
+            if self._error is not None:
+                continue  # keep emptying the queue so that the producer never blocks
+            try:
+                view = memoryview(array).cast("B")
+                while view:  # raw files may write less than asked
+                    view = view[self._handle.write(view):]
+            except BaseException as exc:  # noqa: BLE001 - handed to the producer
+                self._error = exc
+
+    def write(self, array: np.ndarray) -> None:
+        """Queue ``array``'s bytes (C order) for writing; raises an earlier write's error."""
+        if self._error is not None:
+            raise self._error
+        if not array.flags.c_contiguous:
+            raise ValueError("BackgroundWriter needs C-contiguous arrays")
+        self._pending.put(array)
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            self._error = self._error or exc  # the thread skips what is still queued
+        self._pending.put(None)
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error

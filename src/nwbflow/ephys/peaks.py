@@ -1,4 +1,4 @@
-"""Peaks: noise levels, locally exclusive threshold detection, center-of-mass localization.
+"""Peaks in torch: noise levels, locally exclusive threshold detection, streaming with localization.
 
 Detection works on the preprocessed (usually whitened) traces. Each value is
 expressed in units of its channel's threshold, ``z = s * x / (threshold_mad *
@@ -7,17 +7,35 @@ noise)`` with ``s = -1`` for negative peaks, ``+1`` for positive ones, and
 
 * ``z[t, c] >= 1`` (it crosses the threshold on its channel), and
 * no sample ``(t', c')`` with ``|t' - t| <= sweep`` and ``c'`` within
-  ``exclusion_radius_um`` of ``c`` has a larger ``z``, and
-* no other such maximum (necessarily of equal ``z``) in that neighbourhood
-  comes first in (sample, channel) order — ties go to the earliest sample,
-  then the lowest channel index.
+  ``exclusion_radius_um`` of ``c`` has a larger ``z`` (it is a *neighbourhood
+  maximum*), and
+* no other neighbourhood maximum (necessarily of equal ``z``) in that
+  neighbourhood comes first in (sample, channel) order — ties go to the
+  earliest sample, then the lowest channel index.
 
 ``sweep`` is ``round(sweep_ms * rate / 1000)`` samples, at least 1, so a peak
-is always a local extremum in time on its own channel. Streaming over a binary
-(:func:`iter_peaks`) reads ``2 * sweep + 1`` samples of margin on each side:
-whether a core sample is a peak depends on maxima up to ``sweep`` away, whose
-own status depends on samples another ``sweep`` away, so chunk boundaries
-neither lose nor duplicate peaks.
+is always a local extremum in time on its own channel. Samples outside the
+traces count as absent.
+
+The kernel never builds (time × channels × neighbours) tensors, nor even a
+dense ``z``. Crossings are found on the traces against a per-channel onset
+(the least value whose ``z`` rounds to ``>= 1``, so the test is exactly
+``z >= 1``) with one ``nonzero``; they are few. Each crossing is compared with
+its own channel over ``± sweep`` (a (crossings × window) gather), the
+survivors with every neighbour channel over ``± sweep`` (a (candidates ×
+neighbours × window) gather), and ties are settled on a boolean (channels ×
+samples) map of the neighbourhood maxima. ``z`` is computed only at gathered
+samples, with the same float32 arithmetic as a dense ``z`` would use.
+
+Streaming over a binary (:func:`iter_peaks`) reads ``2 * sweep + 1`` samples
+of margin on each side: whether a core sample is a peak depends on maxima up
+to ``sweep`` away, whose own status depends on samples another ``sweep`` away,
+so chunk boundaries neither lose nor duplicate peaks. Peaks are then located
+(:mod:`nwbflow.ephys.localize`) on the same device.
+
+Everything runs on the ``device`` passed in; tensors are created there. Per
+chunk the host waits on the device only to size the three sparse sets
+(crossings, own-channel maxima, neighbourhood maxima) and to fetch the batch.
 
 Examples
 --------
@@ -35,23 +53,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
+import torch
 
-from nwbflow.ephys.chunks import chunk_ranges, open_binary, read_window, sample_chunk_ranges
+from nwbflow.device import OomBackoff
+from nwbflow.ephys.chunks import TraceSource, chunk_ranges, open_binary, read_window, sample_chunk_ranges
+from nwbflow.ephys.localize import (LocalizationTables, localize_center_of_mass,
+                                    localize_monopolar_triangulation, localize_peaks, neighbour_table)
 from nwbflow.errors import BadInputError
 from nwbflow.params import PeakParams
+
+__all__ = ["MAD_TO_STD", "detect_peaks", "iter_peaks", "localize_center_of_mass", "localize_monopolar_triangulation",
+           "localize_peaks", "neighbour_table", "noise_mad", "sweep_samples"]
 
 log = logging.getLogger(__name__)
 
 MAD_TO_STD = 0.6744897501960817  # MAD of a standard normal distribution
-_GATHER_BLOCK_ELEMENTS = 1 << 22  # bound on temporary (peaks x neighbours x channels) gathers
 
 
 def noise_mad(binary_path: str | Path, num_channels: int, *, chunk_samples: int, num_chunks: int = 20,
-              seed: int = 0) -> np.ndarray:
+              seed: int = 0, device: torch.device | str = "cpu") -> np.ndarray:
     """Per-channel noise level, ``MAD / 0.6745``, from sampled chunks of a float32 binary.
 
     Parameters
@@ -64,22 +88,36 @@ def noise_mad(binary_path: str | Path, num_channels: int, *, chunk_samples: int,
     num_chunks : int
         Chunks sampled (seeded, without replacement; all when fewer exist).
     seed : int
+    device : torch.device or str
 
     Returns
     -------
     noise_levels : (num_channels,) float64
         In the binary's units; the median over chunks of each chunk's robust
-        standard deviation (memory of one chunk).
+        standard deviation (memory of one chunk; medians as ``np.median``).
     """
+    device = torch.device(device)
     source = open_binary(binary_path, num_channels)
     ranges = sample_chunk_ranges(source.num_samples, chunk_samples, num_chunks, seed)
     if len(ranges) == 0:
         raise BadInputError("cannot estimate noise of an empty binary", path=binary_path)
-    levels = np.empty((len(ranges), num_channels))
+    levels = torch.empty((num_channels, len(ranges)), dtype=torch.float64, device=device)
     for i, (start, end) in enumerate(ranges):
-        traces = source.get_traces(int(start), int(end))
-        levels[i] = np.median(np.abs(traces - np.median(traces, axis=0)), axis=0) / MAD_TO_STD
-    return np.median(levels, axis=0)
+        traces = torch.from_numpy(source.get_traces(int(start), int(end))).to(device).T.contiguous()  # (C, T)
+        levels[:, i] = _median((traces - _median(traces).unsqueeze(1)).abs()) / MAD_TO_STD
+    return _median(levels).cpu().numpy()
+
+
+def _median(values: torch.Tensor) -> torch.Tensor:
+    """Median along the last dim, the mean of the two middle values for an even count (as ``np.median``)."""
+    count = values.shape[-1]
+    low = values.kthvalue((count + 1) // 2, dim=-1, keepdim=True).values
+    if count % 2:
+        return low.squeeze(-1)
+    # The next order statistic: ``low`` again when it is repeated past the middle, else the least value above it.
+    above = torch.where(values > low, values, torch.inf).amin(dim=-1, keepdim=True)
+    high = torch.where((values <= low).sum(dim=-1, keepdim=True) > count // 2, low, above)
+    return ((low + high) / 2).squeeze(-1)
 
 
 def sweep_samples(params: PeakParams, sampling_rate_hz: float) -> int:
@@ -87,37 +125,134 @@ def sweep_samples(params: PeakParams, sampling_rate_hz: float) -> int:
     return max(int(round(params.sweep_ms * sampling_rate_hz / 1000.0)), 1)
 
 
-def neighbour_table(channel_positions_um: np.ndarray, radius_um: float) -> tuple[np.ndarray, np.ndarray]:
-    """Channels within ``radius_um`` of each channel, as a padded index table.
+@dataclass(frozen=True)
+class DetectionTables:
+    """Device-resident constants of detection for one run (see :meth:`build`).
+
+    Attributes
+    ----------
+    scale : (num_channels,) float32 tensor
+        ``1 / (threshold_mad * noise)``: ``z = oriented traces * scale``.
+    onset : (num_channels,) float32 tensor
+        The least oriented value whose ``z`` (rounded to float32) is ``>= 1``,
+        so crossings are found on the traces without computing ``z``.
+    neighbours : (num_channels, K) int64 tensor
+        :func:`neighbour_table` at ``exclusion_radius_um`` (padding repeats the channel).
+    half : int
+        :func:`sweep_samples`.
+    peak_sign : str
+    """
+
+    scale: torch.Tensor
+    onset: torch.Tensor
+    neighbours: torch.Tensor
+    half: int
+    peak_sign: str
+
+    @classmethod
+    def build(cls, channel_positions_um: np.ndarray, sampling_rate_hz: float, params: PeakParams,
+              noise_levels: np.ndarray, device: torch.device) -> DetectionTables:
+        positions = np.asarray(channel_positions_um, dtype=np.float64)
+        noise = np.asarray(noise_levels, dtype=np.float64)
+        if noise.shape != (len(positions),) or not np.all(np.isfinite(noise) & (noise > 0)):
+            raise BadInputError(f"noise_levels must be {len(positions)} positive finite values, "
+                                f"got shape {noise.shape}")
+        scale = (1.0 / (params.threshold_mad * noise)).astype(np.float32)
+        neighbours, _ = neighbour_table(positions, params.exclusion_radius_um)
+        return cls(torch.as_tensor(scale, device=device), torch.as_tensor(_onset(scale), device=device),
+                   torch.as_tensor(neighbours, device=device), sweep_samples(params, sampling_rate_hz),
+                   params.peak_sign)
+
+
+def _onset(scale: np.ndarray) -> np.ndarray:
+    """Per channel, the least float32 ``v`` with ``float32(v * scale) >= 1`` (exact, as the kernels round)."""
+    onset = (1.0 / scale).astype(np.float32)
+    for _ in range(8):  # 1 / scale is within an ulp or two of the answer
+        onset = np.where(onset * scale < 1, np.nextafter(onset, np.float32(np.inf)), onset)
+        below = np.nextafter(onset, np.float32(-np.inf))
+        onset = np.where(below * scale >= 1, below, onset)
+    return onset
+
+
+def neighbourhood_maxima(traces: torch.Tensor, tables: DetectionTables) -> tuple[torch.Tensor, torch.Tensor]:
+    """Threshold crossings that are maxima of their neighbourhood (rules 1-2 of the module docstring).
 
     Parameters
     ----------
-    channel_positions_um : (num_channels, 2+) float, µm
-        x, y in the first two columns.
-    radius_um : float
+    traces : (num_samples, num_channels) float32 tensor
+    tables : DetectionTables (on the traces' device)
 
     Returns
     -------
-    neighbours : (num_channels, max_neighbours) int64
-        Row ``c`` lists the neighbours of ``c`` (itself included); padded with ``c``.
-    valid : (num_channels, max_neighbours) bool
-        False on padding.
+    sample_index, channel_index : (num_maxima,) int64 tensors, in (sample, channel) order
     """
-    within = _neighbour_mask(channel_positions_um, radius_um)
-    counts = within.sum(axis=1)
-    valid = np.arange(counts.max())[None, :] < counts[:, None]
-    neighbours = np.repeat(np.arange(len(within))[:, None], counts.max(), axis=1)
-    neighbours[valid] = np.nonzero(within)[1]  # row-major: each row's neighbours in order
-    return neighbours, valid
+    traces = traces.contiguous()
+    if tables.peak_sign == "neg":
+        crossing = traces <= -tables.onset
+    else:
+        crossing = (traces.abs() if tables.peak_sign == "both" else traces) >= tables.onset
+    samples, channels = torch.nonzero(crossing, as_tuple=True)  # the few crossings, in (sample, channel) order
+    offsets = torch.arange(-tables.half, tables.half + 1, device=traces.device)
+    # Own channel first (a cheap filter: most crossings are flanks of a maximum), then the neighbourhood.
+    peak = threshold_units(traces[samples, channels], tables.scale[channels], tables.peak_sign)
+    keep = peak >= _window_z(traces, samples, channels.view(-1, 1), offsets, tables).amax(dim=(1, 2))
+    samples, channels, peak = samples[keep], channels[keep], peak[keep]
+    around = _window_z(traces, samples, tables.neighbours[channels], offsets, tables)  # (P, K, 2 * half + 1)
+    is_max = peak >= around.amax(dim=(1, 2))
+    return samples[is_max], channels[is_max]
 
 
-def detect_peaks(traces: np.ndarray, channel_positions_um: np.ndarray, sampling_rate_hz: float,
-                 params: PeakParams, noise_levels: np.ndarray) -> dict[str, np.ndarray]:
+def threshold_units(values: torch.Tensor, scale: torch.Tensor, peak_sign: str) -> torch.Tensor:
+    """``z``: values oriented to the wanted polarity, times their channel's ``scale`` (float32)."""
+    if peak_sign == "neg":
+        return values * -scale  # exactly -(values * scale): IEEE negation commutes with rounding
+    return (values.abs() if peak_sign == "both" else values) * scale
+
+
+def _window_z(traces: torch.Tensor, samples: torch.Tensor, channels: torch.Tensor, offsets: torch.Tensor,
+              tables: DetectionTables) -> torch.Tensor:
+    """``z[samples + offset, channel]`` for (P, K) channels and W offsets -> (P, K, W); -inf outside."""
+    rows = samples.view(-1, 1, 1) + offsets.view(1, 1, -1)
+    inside = (rows >= 0) & (rows < traces.shape[0])
+    columns = channels.unsqueeze(2)
+    values = traces.view(-1)[rows.clamp(0, traces.shape[0] - 1) * traces.shape[1] + columns]
+    return threshold_units(values, tables.scale[columns], tables.peak_sign).masked_fill(~inside, -torch.inf)
+
+
+def first_of_ties(samples: torch.Tensor, channels: torch.Tensor, num_samples: int,
+                  tables: DetectionTables) -> torch.Tensor:
+    """True for each neighbourhood maximum that no other one in its neighbourhood precedes (rule 3).
+
+    Parameters
+    ----------
+    samples, channels : (num_maxima,) int64 tensors
+        From :func:`neighbourhood_maxima` on traces of ``num_samples`` rows.
+    num_samples : int
+    tables : DetectionTables
+
+    Returns
+    -------
+    first : (num_maxima,) bool tensor
+    """
+    half = tables.half
+    maxima = torch.zeros((tables.scale.shape[0], num_samples + half), dtype=torch.bool, device=samples.device)
+    maxima[channels, samples + half] = True  # column t + half holds sample t; the first half columns are empty
+    around = tables.neighbours[channels]  # (num_maxima, K)
+    column = (samples + half).unsqueeze(1)
+    preceded = (maxima[around, column] & (around < channels.unsqueeze(1))).any(dim=1)
+    for lag in range(1, half + 1):
+        preceded |= maxima[around, column - lag].any(dim=1)
+    return ~preceded
+
+
+def detect_peaks(traces: np.ndarray | torch.Tensor, channel_positions_um: np.ndarray, sampling_rate_hz: float,
+                 params: PeakParams, noise_levels: np.ndarray, *,
+                 device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Locally exclusive threshold detection on one chunk (rules in the module docstring).
 
     Parameters
     ----------
-    traces : (num_samples, num_channels) float32
+    traces : (num_samples, num_channels) float32 array or tensor
         Preprocessed traces (e.g. whitened units). Samples outside the array
         count as absent, so peaks within ``sweep`` of its ends lack context.
     channel_positions_um : (num_channels, 2+) float, µm
@@ -126,6 +261,7 @@ def detect_peaks(traces: np.ndarray, channel_positions_um: np.ndarray, sampling_
         threshold_mad, peak_sign, exclusion_radius_um, sweep_ms are used.
     noise_levels : (num_channels,) float
         Per-channel noise (same units as ``traces``), e.g. :func:`noise_mad`.
+    device : torch.device or str
 
     Returns
     -------
@@ -133,108 +269,23 @@ def detect_peaks(traces: np.ndarray, channel_positions_um: np.ndarray, sampling_
         ``sample_index`` int64 (row of ``traces``), ``channel_index`` int32,
         ``amplitude`` float32 (signed value at the peak, units of ``traces``).
     """
-    noise = np.asarray(noise_levels, dtype=np.float64)
-    if noise.shape != (traces.shape[1],) or not np.all(np.isfinite(noise) & (noise > 0)):
-        raise BadInputError(f"noise_levels must be {traces.shape[1]} positive finite values")
-    half = sweep_samples(params, sampling_rate_hz)
-    scale = (1.0 / (params.threshold_mad * noise)).astype(np.float32)
-    z = _oriented(traces, params.peak_sign) * scale
-    window_max = ndimage.maximum_filter1d(z, size=2 * half + 1, axis=0, mode="constant", cval=-np.inf)
-    samples, channels = np.nonzero((z >= 1.0) & (z >= window_max))
-    within = _neighbour_mask(channel_positions_um, params.exclusion_radius_um)
-    neighbours, _ = neighbour_table(channel_positions_um, params.exclusion_radius_um)
-    is_max = z[samples, channels] >= window_max[samples[:, None], neighbours[channels]].max(axis=1, initial=-np.inf)
-    samples, channels = samples[is_max], channels[is_max]
-    keep = ~_later_ties(samples, channels, half, within)
-    samples, channels = samples[keep].astype(np.int64), channels[keep].astype(np.int32)
-    return {"sample_index": samples, "channel_index": channels,
-            "amplitude": traces[samples, channels].astype(np.float32)}
-
-
-def _oriented(traces: np.ndarray, peak_sign: str) -> np.ndarray:
-    """Traces turned so that the wanted polarity is positive (float32)."""
-    x = np.asarray(traces, dtype=np.float32)
-    if peak_sign == "neg":
-        return -x
-    if peak_sign == "pos":
-        return x.copy()
-    return np.abs(x)
-
-
-def _neighbour_mask(channel_positions_um: np.ndarray, radius_um: float) -> np.ndarray:
-    """(num_channels, num_channels) bool: pairs within ``radius_um``."""
-    positions = np.asarray(channel_positions_um, dtype=np.float64)[:, :2]
-    return np.linalg.norm(positions[:, None] - positions[None], axis=2) <= radius_um
-
-
-def _later_ties(samples: np.ndarray, channels: np.ndarray, half: int, neighbour_mask: np.ndarray) -> np.ndarray:
-    """True for each local maximum preceded, within its neighbourhood, by another one.
-
-    ``samples, channels`` are in (sample, channel) order. Two local maxima in
-    each other's neighbourhood have equal values, so this breaks ties. The loop
-    runs over lags (at most the number of maxima within ``half`` samples), each
-    step vectorized over all maxima.
-    """
-    later = np.zeros(samples.size, dtype=bool)
-    if samples.size < 2:
-        return later
-    first_in_reach = np.searchsorted(samples, samples - half, side="left")
-    for lag in range(1, int(np.max(np.arange(samples.size) - first_in_reach)) + 1):
-        i = np.arange(lag, samples.size)
-        in_reach = first_in_reach[i] <= i - lag
-        later[i] |= in_reach & neighbour_mask[channels[i], channels[i - lag]]
-    return later
-
-
-def localize_center_of_mass(traces: np.ndarray, sample_index: np.ndarray, channel_index: np.ndarray,
-                            channel_positions_um: np.ndarray, radius_um: float, *,
-                            whitening_inverse: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Amplitude-weighted mean position of the channels around each peak.
-
-    Parameters
-    ----------
-    traces : (num_samples, num_channels) float32
-        The traces the peaks were detected on (whitened or filtered).
-    sample_index : (num_peaks,) int
-        Rows of ``traces``.
-    channel_index : (num_peaks,) int
-        Peak channels.
-    channel_positions_um : (num_channels, 2+) float, µm
-    radius_um : float
-        Channels within this distance of the peak channel weigh in.
-    whitening_inverse : (num_channels, num_channels) float or None
-        When given, the values at the peak sample are first mapped back to
-        the filtered scale, ``x = W^-1 @ x_white``, for the neighbourhood
-        channels only, so whitening does not distort the locations.
-
-    Returns
-    -------
-    x_um, y_um : (num_peaks,) float32, µm
-        Weights are ``|x|`` at the peak sample on each neighbourhood channel.
-    """
-    positions = np.asarray(channel_positions_um, dtype=np.float64)[:, :2]
-    neighbours, valid = neighbour_table(positions, radius_um)
-    weights = np.empty((sample_index.size, neighbours.shape[1]))
-    block = max(_GATHER_BLOCK_ELEMENTS // max(neighbours.size, 1), 1)
-    for lo in range(0, sample_index.size, block):  # bounded memory; each block vectorized
-        rows = np.asarray(traces[sample_index[lo:lo + block]], dtype=np.float64)
-        idx = neighbours[channel_index[lo:lo + block]]
-        if whitening_inverse is None:
-            values = np.take_along_axis(rows, idx, axis=1)
-        else:
-            values = np.matmul(np.asarray(whitening_inverse)[idx], rows[:, :, None])[:, :, 0]
-        weights[lo:lo + block] = np.abs(values) * valid[channel_index[lo:lo + block]]
-    total = weights.sum(axis=1, keepdims=True)
-    own = positions[channel_index]
-    com = np.where(total > 0, np.einsum("pk,pkd->pd", weights, positions[neighbours[channel_index]])
-                   / np.where(total > 0, total, 1.0), own)
-    return com[:, 0].astype(np.float32), com[:, 1].astype(np.float32)
+    device = torch.device(device)
+    traces = torch.as_tensor(traces, dtype=torch.float32).to(device)
+    if traces.ndim != 2 or traces.shape[1] != len(channel_positions_um):
+        raise BadInputError(f"traces have shape {tuple(traces.shape)}, expected (num_samples, "
+                            f"{len(channel_positions_um)}) to match channel_positions_um")
+    tables = DetectionTables.build(channel_positions_um, sampling_rate_hz, params, noise_levels, device)
+    samples, channels = neighbourhood_maxima(traces, tables)
+    first = first_of_ties(samples, channels, traces.shape[0], tables)
+    samples, channels = samples[first], channels[first]
+    return {"sample_index": samples.cpu().numpy(), "channel_index": channels.to(torch.int32).cpu().numpy(),
+            "amplitude": traces[samples, channels].cpu().numpy()}
 
 
 def iter_peaks(binary_path: str | Path, num_channels: int, channel_positions_um: np.ndarray,
                sampling_rate_hz: float, params: PeakParams, *, whitening_inverse: np.ndarray | None = None,
                noise_levels: np.ndarray | None = None, chunk_samples: int | None = None,
-               seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+               seed: int = 0, device: torch.device | str = "cpu") -> Iterator[dict[str, np.ndarray]]:
     """Detect and localize peaks over a preprocessed float32 binary, one chunk at a time.
 
     Parameters
@@ -245,41 +296,68 @@ def iter_peaks(binary_path: str | Path, num_channels: int, channel_positions_um:
     channel_positions_um : (num_channels, 2+) float, µm
     sampling_rate_hz : float
     params : PeakParams
+        ``localization`` picks the method (:data:`nwbflow.ephys.localize.LOCALIZATION_METHODS`),
+        over channels within ``localization_radius_um``.
     whitening_inverse : (num_channels, num_channels) float or None
         ``PreprocessResult.whitening_inverse``, for localization on the filtered scale.
     noise_levels : (num_channels,) float or None
-        Default: :func:`noise_mad` over 20 sampled chunks (``seed``).
+        Default: :func:`noise_mad` over ``params.noise_sample_chunks`` sampled chunks of
+        ``params.noise_sample_duration_s`` (``seed``).
     chunk_samples : int or None
-        Core samples per chunk; default one second.
+        Core samples per chunk (one batch each); default one second. When the
+        device runs out of memory the chunk is computed in halves (and later
+        ones at the reduced size, :class:`nwbflow.device.OomBackoff`), from the
+        same sample, so batches keep their ranges.
     seed : int
+    device : torch.device or str
+        Where the kernels run; resolve ``"auto"`` before calling.
 
     Yields
     ------
-    batch : dict of (n,) arrays, one per chunk (possibly empty), in time order
+    batch : dict of (n,) numpy arrays, one per chunk (possibly empty), in time order
         ``sample_index`` int64 (absolute), ``channel_index`` int32,
         ``amplitude`` float32 (binary's units), ``x_um``, ``y_um`` float32.
     """
+    device = torch.device(device)
     chunk_samples = int(chunk_samples or max(int(round(sampling_rate_hz)), 1))
     source = open_binary(binary_path, num_channels, sampling_rate_hz)
     positions = np.asarray(channel_positions_um, dtype=np.float64)
     if positions.shape[0] != num_channels or positions.ndim != 2 or positions.shape[1] < 2:
-        raise BadInputError(f"channel_positions_um has shape {positions.shape}, expected ({num_channels}, 2)")
-    if whitening_inverse is not None and np.shape(whitening_inverse) != (num_channels, num_channels):
-        raise BadInputError(f"whitening_inverse has shape {np.shape(whitening_inverse)}, "
-                            f"expected ({num_channels}, {num_channels})")
+        raise BadInputError(f"channel_positions_um has shape {positions.shape}, expected ({num_channels}, 2)",
+                            path=binary_path)
     if noise_levels is None:
-        noise_levels = noise_mad(binary_path, num_channels, chunk_samples=chunk_samples, seed=seed)
-    margin = 2 * sweep_samples(params, sampling_rate_hz) + 1
+        # An odd window: each median is then one order statistic (one kthvalue, not three passes).
+        noise_window = max(int(round(params.noise_sample_duration_s * sampling_rate_hz)), 1) | 1
+        noise_levels = noise_mad(binary_path, num_channels, chunk_samples=noise_window,
+                                 num_chunks=params.noise_sample_chunks, seed=seed, device=device)
+    detection = DetectionTables.build(positions, sampling_rate_hz, params, noise_levels, device)
+    localization = LocalizationTables.build(positions, params.localization_radius_um, whitening_inverse, device)
+    margin = 2 * detection.half + 1
+    backoff = OomBackoff(chunk_samples, device=device)
     total = 0
     for start, end in chunk_ranges(source.num_samples, chunk_samples):
-        window = read_window(source, int(start), int(end), margin)
-        found = detect_peaks(window.traces, positions, sampling_rate_hz, params, noise_levels)
-        rows = found["sample_index"]
-        core = (rows >= window.context_before) & (rows < window.context_before + (end - start))
-        rows, channels = rows[core], found["channel_index"][core]
-        x_um, y_um = localize_center_of_mass(window.traces, rows, channels, positions,
-                                             params.localization_radius_um, whitening_inverse=whitening_inverse)
-        total += rows.size
-        yield {"sample_index": rows + (start - window.context_before), "channel_index": channels,
-               "amplitude": found["amplitude"][core], "x_um": x_um, "y_um": y_um}
-    log.info("detected %d peaks in %d samples x %d channels", total, source.num_samples, num_channels)
+        parts: list[dict[str, np.ndarray]] = []
+        backoff.run(lambda lo, hi: parts.append(_window_peaks(source, lo, hi, margin, detection, localization,
+                                                              params.localization)), int(start), int(end))
+        batch = parts[0] if len(parts) == 1 else {key: np.concatenate([part[key] for part in parts])
+                                                  for key in parts[0]}
+        total += batch["sample_index"].size
+        yield batch
+    log.info("detected %d peaks in %d samples x %d channels on %s", total, source.num_samples, num_channels, device)
+
+
+def _window_peaks(source: TraceSource, start: int, end: int, margin: int, detection: DetectionTables,
+                  localization: LocalizationTables, method: str) -> dict[str, np.ndarray]:
+    """Peaks in ``[start, end)`` (read with ``margin`` on both sides), located; absolute sample indices."""
+    window = read_window(source, start, end, margin)
+    traces = torch.from_numpy(window.traces).to(detection.scale.device)
+    samples, channels = neighbourhood_maxima(traces, detection)
+    first = first_of_ties(samples, channels, traces.shape[0], detection)
+    xy = localization.localize(traces, samples, channels, method)  # every maximum: ties are rare, no extra sync
+    found = {"sample_index": samples - window.context_before, "channel_index": channels.to(torch.int32),
+             "amplitude": traces[samples, channels], "x_um": xy[:, 0], "y_um": xy[:, 1], "first": first}
+    found = {key: value.cpu().numpy() for key, value in found.items()}
+    keep = found.pop("first") & (found["sample_index"] >= 0) & (found["sample_index"] < end - start)
+    found = {key: value[keep] for key, value in found.items()}
+    found["sample_index"] += start
+    return found

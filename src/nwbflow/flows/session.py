@@ -55,11 +55,12 @@ def process_session(nwb_path: str, out_path: str, params: SessionParams = Sessio
     if "preprocess" in plan.stages:
         key = preprocess_key(plan, params.preprocess)
         done["preprocess"] = _cached_unless_missing(preprocess_task, plan, "preprocess", key)(
-            plan, params.preprocess, timeout_s=timeout_s)
+            plan, params.preprocess, device=params.device, timeout_s=timeout_s)
     if "peaks" in plan.stages:
         key = peaks_key(plan, done["preprocess"], params.peaks)
         done["peaks"] = _cached_unless_missing(peaks_task, plan, "peaks", key)(
-            plan, done["preprocess"], params.peaks, params.preprocess.chunk_duration_s, timeout_s=timeout_s)
+            plan, done["preprocess"], params.peaks, params.preprocess.chunk_duration_s, device=params.device,
+            timeout_s=timeout_s)
     outcomes = list(done.values())
     written = write_back_task(plan, out_path, outcomes, params)
     summary = {"input": plan.nwb_path, "output": written["path"], "workdir": plan.workdir,

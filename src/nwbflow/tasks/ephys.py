@@ -36,11 +36,6 @@ PEAK_SCHEMA = pa.schema([("sample_index", pa.int64()), ("time_s", pa.float64()),
                          ("channel_index", pa.int32()), ("amplitude", pa.float32()),
                          ("x_um", pa.float32()), ("y_um", pa.float32())])
 
-#: The numpy/scipy kernels of this version run on the CPU whatever device the session asks for;
-#: the torch kernels (preprocessing/peaks issue) take the session's device here.
-KERNEL_DEVICE = "cpu"
-
-
 def preprocess_key(plan: SessionPlan, params: PreprocessParams) -> str:
     return stage_key("preprocess", plan.input_identity, params.as_json())
 
@@ -51,18 +46,20 @@ def peaks_key(plan: SessionPlan, preprocessed: StageOutcome, params: PeakParams)
 
 @task(name="preprocess", persist_result=True, **STAGE_TASK_OPTIONS,
       cache_key_fn=lambda _ctx, p: preprocess_key(p["plan"], p["params"]))
-def preprocess_task(plan: SessionPlan, params: PreprocessParams, timeout_s: float | None = None) -> StageOutcome:
+def preprocess_task(plan: SessionPlan, params: PreprocessParams, device: str = "auto",
+                    timeout_s: float | None = None) -> StageOutcome:
     """Offset, median CAR, zero-phase band-pass, whitening -> float32 scratch binary."""
     started, clock = utc_now(), time.perf_counter()
     key = preprocess_key(plan, params)
     out_dir = stage_dir(plan.workdir, "preprocess", key)
     out_dir.mkdir(parents=True, exist_ok=True)
     params_run = params.model_copy(update={"chunk_duration_s": params.chunk_duration_s * retry_chunk_scale()})
-    with stage_device(KERNEL_DEVICE, "preprocess"), open_session(plan.nwb_path) as session:
+    with stage_device(device, "preprocess") as torch_device, open_session(plan.nwb_path) as session:
         series = session.select_ephys(plan.ephys.object)
         progress = StageProgress("preprocess", series.num_samples, timeout_s)
         try:
-            result = preprocess_to_binary(series, params_run, out_dir / PREPROCESSED, progress=progress)
+            result = preprocess_to_binary(series, params_run, out_dir / PREPROCESSED, progress=progress,
+                                          device=torch_device)
         finally:
             progress.close()
         meta = {"num_samples": result.num_samples, "num_channels": result.num_channels,
@@ -75,7 +72,7 @@ def preprocess_task(plan: SessionPlan, params: PreprocessParams, timeout_s: floa
         artifacts["whitening"] = str(save_npy(out_dir / WHITENING, result.whitening))
     artifacts["meta"] = str(save_json(out_dir / PREPROCESS_META, meta))
     record = stage_record("preprocess", parameters_json=params.as_json(), inputs=(plan.ephys,),
-                          outputs=tuple(artifacts.values()), start_time_utc=started, device=KERNEL_DEVICE)
+                          outputs=tuple(artifacts.values()), start_time_utc=started, device=str(torch_device))
     seconds = time.perf_counter() - clock
     duration_s = result.num_samples / series.sampling_rate_hz
     summary = {"channels": result.num_channels, "sampling_rate_hz": series.sampling_rate_hz,
@@ -87,7 +84,7 @@ def preprocess_task(plan: SessionPlan, params: PreprocessParams, timeout_s: floa
 @task(name="peaks", persist_result=True, **STAGE_TASK_OPTIONS,
       cache_key_fn=lambda _ctx, p: peaks_key(p["plan"], p["preprocessed"], p["params"]))
 def peaks_task(plan: SessionPlan, preprocessed: StageOutcome, params: PeakParams, chunk_duration_s: float,
-               timeout_s: float | None = None) -> StageOutcome:
+               device: str = "auto", timeout_s: float | None = None) -> StageOutcome:
     """Locally exclusive threshold detection + center-of-mass localization -> peaks.parquet."""
     started, clock = utc_now(), time.perf_counter()
     key = peaks_key(plan, preprocessed, params)
@@ -100,12 +97,14 @@ def peaks_task(plan: SessionPlan, preprocessed: StageOutcome, params: PeakParams
     chunk_samples = max(int(chunk_duration_s * retry_chunk_scale() * rate_hz), 1)
     out, count = out_dir / PEAKS, 0
     progress = StageProgress("peaks", num_samples, timeout_s)
-    with stage_device(KERNEL_DEVICE, "peaks"), open_session(plan.nwb_path) as session, atomic_path(out) as tmp:
+    with stage_device(device, "peaks") as torch_device, open_session(plan.nwb_path) as session, \
+            atomic_path(out) as tmp:
         series = session.select_ephys(plan.ephys.object)
         with pq.ParquetWriter(tmp, PEAK_SCHEMA) as writer:
             batches = iter_peaks(Path(preprocessed.artifacts["preprocessed"]), meta["num_channels"],
                                  np.asarray(meta["channel_positions_um"]), rate_hz, params,
-                                 whitening_inverse=whitening_inverse, chunk_samples=chunk_samples)
+                                 whitening_inverse=whitening_inverse, chunk_samples=chunk_samples,
+                                 device=torch_device)
             for index, batch in enumerate(batches):
                 batch["time_s"] = series.sample_times_s(batch["sample_index"])
                 writer.write_table(pa.Table.from_pydict(batch, schema=PEAK_SCHEMA))
@@ -113,7 +112,7 @@ def peaks_task(plan: SessionPlan, preprocessed: StageOutcome, params: PeakParams
                 progress(min((index + 1) * chunk_samples, num_samples))
     progress.close()
     record = stage_record("peaks", parameters_json=params.as_json(), inputs=(plan.ephys,),
-                          outputs=(str(out),), start_time_utc=started, device=KERNEL_DEVICE)
+                          outputs=(str(out),), start_time_utc=started, device=str(torch_device))
     seconds = time.perf_counter() - clock
     summary = {"peaks": count, "rate_hz": round(count / (num_samples / rate_hz), 1)}
     mark_complete(out_dir, summary)

@@ -1,0 +1,245 @@
+"""Preprocessing + peak detection throughput: ours (torch) vs SpikeInterface, same data, same run.
+
+Data: a synthetic int16 recording (SpikeInterface ground-truth generator, 384 channels at 30 kHz,
+gain 0.195 µV/bit) written as a raw binary; a 10 s block is tiled to the requested duration.
+Each measurement runs in its own process so its peak RSS is its own.
+
+Rows (seconds of recording processed per wall-clock second, higher is better):
+  floor          read int16 chunks, convert to float32 µV, write float32: the memory/IO floor
+  ours           offset + median CAR + zero-phase band-pass + ZCA whitening -> float32 binary
+  si_chain       bandpass_filter -> common_reference(median) -> whiten, saved to binary (n_jobs = threads)
+  ours_peaks     locally exclusive detection + center of mass on our preprocessed binary
+  si_peaks       detect_peaks(method="locally_exclusive") on the same binary, same threshold/radius/sweep
+
+Usage:
+  .venv/bin/python benchmarks/preprocess.py --duration-s 60 --long-duration-s 600 --threads 1 2
+  .venv/bin/python benchmarks/preprocess.py --device cuda --duration-s 600      # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+NUM_CHANNELS = 384
+RATE_HZ = 30_000.0
+GAIN_UV = 0.195
+BLOCK_S = 10.0
+CHUNK_S = 1.0
+
+
+# ----------------------------------------------------------------------------------------- data
+def data_path(data_dir: Path, duration_s: float) -> Path:
+    return data_dir / f"int16_{NUM_CHANNELS}ch_{int(duration_s)}s.bin"
+
+
+def positions_path(data_dir: Path) -> Path:
+    return data_dir / f"positions_{NUM_CHANNELS}ch.npy"
+
+
+def make_data(data_dir: Path, duration_s: float) -> Path:
+    """Write (once) the int16 recording of ``duration_s`` and the channel positions (µm)."""
+    from spikeinterface.core import generate_ground_truth_recording
+
+    out = data_path(data_dir, duration_s)
+    if out.is_file():
+        return out
+    data_dir.mkdir(parents=True, exist_ok=True)
+    recording, _ = generate_ground_truth_recording(
+        durations=[BLOCK_S], sampling_frequency=RATE_HZ, num_channels=NUM_CHANNELS, num_units=60, seed=0,
+        generate_probe_kwargs={"num_columns": 4, "xpitch": 16, "ypitch": 20, "contact_shapes": "square",
+                               "contact_shape_params": {"width": 12}})
+    block = np.clip(np.round(recording.get_traces() / GAIN_UV), -32768, 32767).astype("<i2")
+    np.save(positions_path(data_dir), recording.get_channel_locations())
+    partial = out.with_suffix(".partial")
+    with open(partial, "wb") as handle:
+        for _ in range(int(np.ceil(duration_s / BLOCK_S))):
+            block.tofile(handle)
+    partial.rename(out)
+    return out
+
+
+class Int16FileSource:
+    """TraceSource over a raw int16 file, read with explicit reads (no mmap: RSS stays honest)."""
+
+    def __init__(self, path: Path, duration_s: float):
+        self.path, self.num_channels, self.sampling_rate_hz = path, NUM_CHANNELS, RATE_HZ
+        self.num_samples = int(duration_s * RATE_HZ)
+        self._file = open(path, "rb")
+
+    def get_traces(self, start_sample: int, end_sample: int) -> np.ndarray:
+        count = (end_sample - start_sample) * self.num_channels
+        self._file.seek(start_sample * self.num_channels * 2)
+        raw = np.frombuffer(self._file.read(count * 2), dtype="<i2")
+        traces = raw.reshape(end_sample - start_sample, self.num_channels).astype(np.float32)
+        traces *= GAIN_UV
+        return traces
+
+
+# -------------------------------------------------------------------------------- measurements
+def run_floor(source: Int16FileSource, out: Path) -> dict:
+    chunk = int(CHUNK_S * RATE_HZ)
+    with open(out, "wb") as handle:
+        for start in range(0, source.num_samples, chunk):
+            source.get_traces(start, min(start + chunk, source.num_samples)).tofile(handle)
+    return {}
+
+
+def run_ours(source: Int16FileSource, out: Path, device: str) -> dict:
+    from nwbflow.ephys.preprocess import preprocess_to_binary
+    from nwbflow.params import PreprocessParams
+
+    result = preprocess_to_binary(source, PreprocessParams(chunk_duration_s=CHUNK_S), out, device=device)
+    np.save(out.with_suffix(".winv.npy"), result.whitening_inverse)
+    return {}
+
+
+def run_si_chain(source: Int16FileSource, out: Path, threads: int) -> dict:
+    import shutil
+
+    import spikeinterface.preprocessing as spre
+    from spikeinterface.core import read_binary
+
+    recording = read_binary(source.path, sampling_frequency=RATE_HZ, dtype="int16", num_channels=NUM_CHANNELS,
+                            gain_to_uV=GAIN_UV, offset_to_uV=0.0)
+    recording = recording.frame_slice(0, source.num_samples)
+    recording.set_channel_locations(np.load(positions_path(source.path.parent)))
+    recording = spre.bandpass_filter(recording, freq_min=300.0, freq_max=6000.0, filter_order=3, dtype="float32")
+    recording = spre.common_reference(recording, operator="median", reference="global")
+    recording = spre.whiten(recording, dtype="float32", mode="global")
+    folder = out.with_suffix(".si")
+    shutil.rmtree(folder, ignore_errors=True)
+    recording.save(folder=folder, format="binary", n_jobs=threads, chunk_duration=f"{CHUNK_S}s",
+                   progress_bar=False)
+    shutil.rmtree(folder, ignore_errors=True)
+    return {}
+
+
+def run_ours_peaks(source: Int16FileSource, preprocessed: Path, device: str) -> dict:
+    from nwbflow.ephys.peaks import iter_peaks
+    from nwbflow.params import PeakParams
+
+    count = 0
+    for batch in iter_peaks(preprocessed, NUM_CHANNELS, np.load(positions_path(source.path.parent)), RATE_HZ,
+                            PeakParams(), whitening_inverse=np.load(preprocessed.with_suffix(".winv.npy")),
+                            chunk_samples=int(CHUNK_S * RATE_HZ), device=device):
+        count += len(batch["sample_index"])
+    return {"peaks": count}
+
+
+def run_si_peaks(source: Int16FileSource, preprocessed: Path, threads: int) -> dict:
+    from spikeinterface.core import get_noise_levels, read_binary
+    from spikeinterface.sortingcomponents.peak_detection import detect_peaks
+
+    recording = read_binary(preprocessed, sampling_frequency=RATE_HZ, dtype="float32", num_channels=NUM_CHANNELS)
+    recording.set_channel_locations(np.load(positions_path(source.path.parent)))
+    noise = get_noise_levels(recording, return_in_uV=False, method="mad")
+    try:
+        import numba  # noqa: F401
+        method = "locally_exclusive"
+    except ImportError:
+        method = "locally_exclusive_torch"
+    peaks = detect_peaks(recording, method=method,
+                         method_kwargs={"peak_sign": "neg", "detect_threshold": 5.0, "exclude_sweep_ms": 0.1,
+                                        "radius_um": 50.0, "noise_levels": noise},
+                         job_kwargs={"n_jobs": threads, "chunk_duration": f"{CHUNK_S}s", "progress_bar": False})
+    return {"peaks": int(peaks.size), "method": method}
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one measurement in this process; print its JSON row."""
+    import torch
+
+    threads = args.threads[0]
+    torch.set_num_threads(threads)
+    data_dir = Path(args.data_dir)
+    source = Int16FileSource(data_path(data_dir, args.duration_s), args.duration_s)
+    preprocessed = data_dir / f"ours_{int(args.duration_s)}s.f32"
+    clock = time.perf_counter()
+    if args.child == "floor":
+        extra = run_floor(source, data_dir / "floor.f32")
+    elif args.child == "ours":
+        extra = run_ours(source, preprocessed, args.device)
+    elif args.child == "si_chain":
+        extra = run_si_chain(source, data_dir / "si", threads)
+    elif args.child == "ours_peaks":
+        extra = run_ours_peaks(source, preprocessed, args.device)
+    else:
+        extra = run_si_peaks(source, preprocessed, threads)
+    seconds = time.perf_counter() - clock
+    print(json.dumps({"row": args.child, "duration_s": args.duration_s, "threads": threads,
+                      "device": args.device, "seconds": seconds, "x_realtime": args.duration_s / seconds,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}))
+
+
+# ------------------------------------------------------------------------------------- driver
+def measure(row: str, duration_s: float, threads: int, device: str, data_dir: Path) -> dict:
+    command = [sys.executable, __file__, "--child", row, "--duration-s", str(duration_s), "--threads",
+               str(threads), "--device", device, "--data-dir", str(data_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{row} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration-s", type=float, default=60.0)
+    parser.add_argument("--long-duration-s", type=float, default=0.0,
+                        help="also run ours at this duration to compare peak RSS (0: skip)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir", default="/tmp/nwbflow-bench")
+    parser.add_argument("--skip-si", action="store_true", help="only our rows (e.g. on a GPU machine)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/preprocess.json"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    data_dir = Path(args.data_dir)
+    for duration in {args.duration_s, args.long_duration_s} - {0.0}:
+        make_data(data_dir, duration)
+    rows = []
+    for threads in args.threads:
+        order = ["floor", "ours", "ours_peaks"] + ([] if args.skip_si else ["si_chain", "si_peaks"])
+        for row in order:
+            rows.append(measure(row, args.duration_s, threads, args.device, data_dir))
+            print(f"  {row:10s} threads={threads}: {rows[-1]['x_realtime']:.2f} x real time", flush=True)
+    if args.long_duration_s:
+        for row in ("ours", "ours_peaks"):
+            rows.append(measure(row, args.long_duration_s, args.threads[-1], args.device, data_dir))
+    _report(rows, args)
+
+
+def _report(rows: list[dict], args: argparse.Namespace) -> None:
+    from nwbflow.report import format_table
+
+    print(f"\n{NUM_CHANNELS} channels, 30 kHz, device {args.device}, {platform.processor() or platform.machine()}")
+    print(format_table(
+        ["row", "recording s", "threads", "seconds", "x real time", "peak RSS MB", "note"],
+        [[r["row"], f"{r['duration_s']:.0f}", str(r["threads"]), f"{r['seconds']:.1f}", f"{r['x_realtime']:.2f}",
+          f"{r['peak_rss_mb']:.0f}", str(r.get("peaks", "")) + (f" {r['method']}" if "method" in r else "")]
+         for r in rows]))
+    by = {(r["row"], r["threads"], r["duration_s"]): r for r in rows}
+    for threads in args.threads:
+        ours, si = by.get(("ours", threads, args.duration_s)), by.get(("si_chain", threads, args.duration_s))
+        if ours and si:
+            print(f"threads={threads}: ours / SpikeInterface chain = {ours['x_realtime'] / si['x_realtime']:.2f}x")
+        ours_p, si_p = by.get(("ours_peaks", threads, args.duration_s)), by.get(("si_peaks", threads, args.duration_s))
+        if ours_p and si_p:
+            print(f"threads={threads}: ours / SpikeInterface peaks = {ours_p['x_realtime'] / si_p['x_realtime']:.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "device": args.device}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
