@@ -160,6 +160,22 @@ def test_chunk_boundaries_are_invisible(tmp_path, device, common_reference, whit
     assert error <= 1e-3 * whole.std(), error / whole.std()
 
 
+def test_concurrent_cpu_streams_equal_one_stream(tmp_path):
+    """On the CPU, chunks computed on several threads are written in order: same file as one stream."""
+    source = BlockNoiseSource(90_000, 10.0 * np.eye(8) + 3.0, seed=4)
+    params = PreprocessParams(chunk_duration_s=0.1, noise_sample_chunks=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _read(preprocess_to_binary(source, params, tmp_path / "one.bin"))
+        torch.set_num_threads(3)
+        three = _read(preprocess_to_binary(source, params, tmp_path / "three.bin"))
+        assert torch.get_num_threads() == 3  # restored after the concurrent streams
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(three, one, rtol=0, atol=1e-5 * one.std())
+
+
 # -------------------------------------------------------------------------------------- common reference
 
 

@@ -40,18 +40,23 @@ Examples
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import queue
+import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nwbflow.device import OomBackoff
+from nwbflow.device import OomBackoff, is_out_of_memory
 from nwbflow.ephys.chunks import (BackgroundWriter, ProgressFn, TraceSource, Window, WindowPrefetcher,
-                                  sample_chunk_ranges)
+                                  chunk_ranges, read_window, sample_chunk_ranges)
 from nwbflow.ephys.filtering import (DEFAULT_MARGIN_TOLERANCE, bandpass_gain, design_bandpass, fft_length,
                                      filter_margin_samples, filter_padded_window, host_tensor, zero_phase_filter)
 from nwbflow.ephys.whitening import local_whitening_matrix, whitening_matrix
@@ -175,6 +180,12 @@ class _ChunkKernel:
                                torch.empty(shape, dtype=torch.float32, device=self.device)
                                if self.common_reference else None)
         return self._workspace[1], self._workspace[2]
+
+    def fresh_copy(self) -> _ChunkKernel:
+        """The same constants (shared), its own work buffers: one per concurrent stream."""
+        twin = copy.copy(self)
+        twin._workspace = None
+        return twin
 
     def __call__(self, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
         """Preprocess one window; returns (core (n, C) float32 on the device, 0-d bool: input all finite)."""
@@ -359,7 +370,9 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
         and leaves no output file.
     device : torch.device or str
         Where to compute (resolved by the caller; ``"cpu"``, ``"cuda"``, ...).
-        On the CPU, chunks are also kept to about ``CPU_WINDOW_BYTES``. On a
+        On the CPU, chunks are also kept to about ``CPU_WINDOW_BYTES`` and
+        computed on ``torch.get_num_threads()`` concurrent streams (one torch
+        thread each), written in order. On a
         device out-of-memory error the chunk is halved and the stage goes on
         from the same sample (down to twice the margin).
     channel_positions_um : (num_channels, 2) float, µm, optional
@@ -403,7 +416,8 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
     kernel = _ChunkKernel(sos, margin, device, offsets_uv=offsets, common_reference=params.common_reference,
                           whitening=whitening)
     out_path = Path(out_path)
-    _stream_chunks(source, out_path, kernel, backoff, progress)
+    streams = torch.get_num_threads() if device.type == "cpu" else 1
+    _stream_chunks(source, out_path, kernel, backoff, progress, streams=streams)
     elapsed = time.perf_counter() - started
     log.info("preprocessed %d samples x %d channels (%.1f s of recording) on %s in %.2f s "
              "(%.2f s of recording per s), margin %d samples, chunk %d samples", source.num_samples,
@@ -449,12 +463,14 @@ def _positions_for(source: TraceSource, params: PreprocessParams, given: np.ndar
 
 
 def _stream_chunks(source: TraceSource, out_path: Path, kernel: _ChunkKernel, backoff: OomBackoff,
-                   progress: ProgressFn | None) -> None:
+                   progress: ProgressFn | None, *, streams: int = 1) -> None:
     """Write every chunk's preprocessed core in order to ``out_path`` via a synced temporary file.
 
-    While chunk ``k`` is computed, chunk ``k - 1`` is written and chunk
-    ``k + 1`` read by background threads. A chunk that fails (out of memory)
-    is never handed to the writer, so the file is written strictly in order.
+    One stream (any device): while chunk ``k`` is computed, chunk ``k - 1`` is
+    written and chunk ``k + 1`` read by background threads; a chunk that fails
+    (out of memory) is never handed to the writer. Several streams (CPU):
+    chunks are computed concurrently, one torch thread each (torch's intra-op
+    threads scale poorly on these small ops), and written strictly in order.
     """
     partial = out_path.with_name(out_path.name + ".partial")
 
@@ -469,10 +485,67 @@ def _stream_chunks(source: TraceSource, out_path: Path, kernel: _ChunkKernel, ba
 
     try:
         with open(partial, "wb", buffering=0) as handle:
-            with WindowPrefetcher(source, kernel.margin) as reader, BackgroundWriter(handle) as writer:
-                backoff.run(step, 0, source.num_samples)
+            written = 0
+            if streams > 1:
+                written = _write_concurrently(source, handle, kernel, backoff.chunk_samples, progress, streams)
+            if written < source.num_samples:  # one stream, or the rest after an out-of-memory error
+                with WindowPrefetcher(source, kernel.margin) as reader, BackgroundWriter(handle) as writer:
+                    backoff.run(step, written, source.num_samples)
             os.fsync(handle.fileno())
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, out_path)
+
+
+def _write_concurrently(source: TraceSource, handle, kernel: _ChunkKernel, chunk_samples: int,
+                        progress: ProgressFn | None, streams: int) -> int:
+    """Compute chunks on ``streams`` threads (a kernel each, reads serialized), write them in order.
+
+    At most ``streams + 1`` chunks are in flight, so memory stays bounded by
+    the chunk. torch's thread count is set to 1 for the duration and restored.
+    Returns the samples written: all of them, or, after an out-of-memory
+    error, those before the failed chunk (the caller goes on from there).
+    """
+    kernels: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(streams):
+        kernels.put(kernel.fresh_copy())
+    read_lock = threading.Lock()
+
+    def compute(start: int, end: int) -> np.ndarray:
+        own = kernels.get()
+        try:
+            with read_lock:
+                window = read_window(source, start, end, own.margin)
+            core, finite = own(window)
+            _refuse_non_finite(finite, window, start)
+            return np.array(core.numpy(), dtype="<f4", copy=True)
+        finally:
+            kernels.put(own)
+
+    threads, written = torch.get_num_threads(), 0
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=streams) as pool:
+            pending: deque = deque()
+            for start, end in chunk_ranges(source.num_samples, chunk_samples):
+                pending.append((int(end), pool.submit(compute, int(start), int(end))))
+                while len(pending) > streams or (pending and end == source.num_samples):
+                    written = _write_next(pending, handle, progress, source.num_samples)
+    except BaseException as exc:
+        if not is_out_of_memory(exc):
+            raise
+        log.warning("out of memory with %d concurrent chunks of %d samples; going on one at a time from "
+                    "sample %d", streams, chunk_samples, written)
+    finally:
+        torch.set_num_threads(threads)
+    return written
+
+
+def _write_next(pending: deque, handle, progress: ProgressFn | None, total: int) -> int:
+    """Write the oldest pending chunk; returns the sample its core ends at."""
+    end, future = pending.popleft()
+    future.result().tofile(handle)
+    if progress is not None:
+        progress(end, total)
+    return end
