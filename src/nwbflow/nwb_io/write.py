@@ -10,7 +10,6 @@ leaves the target either absent (or as it was) or complete.
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from pynwb import NWBHDF5IO
 from pynwb.event import EventsTable, TimestampVectorData
 
 from nwbflow import __version__
+from nwbflow.atomic import atomic_path
 from nwbflow.errors import BadInputError, NwbflowError
 from nwbflow.extensions import NAMESPACE, ProvenanceTable
 from nwbflow.nwb_io import layout
@@ -63,15 +63,9 @@ def write_processed(input_path: str | Path, output_path: str | Path, results: Se
     """
     input_path, output_path = Path(input_path).resolve(), Path(output_path).absolute()
     _check_target(input_path, output_path)
-    tmp_path = output_path.with_name(f".{output_path.stem}.{uuid.uuid4().hex[:12]}.partial.nwb")
-    try:
+    with atomic_path(output_path, suffix=".nwb") as tmp_path:
         _export(input_path, tmp_path, results)
         _validate(tmp_path, output_path)
-        _fsync_file(tmp_path)
-        os.replace(tmp_path, output_path)
-        _fsync_dir(output_path.parent)
-    finally:
-        tmp_path.unlink(missing_ok=True)
     log.info("wrote %s", output_path)
     return output_path
 
@@ -175,19 +169,3 @@ def _validate(tmp_path: Path, output_path: Path) -> None:
     with h5py.File(tmp_path, "r") as h5:
         if f"specifications/{NAMESPACE}" not in h5:
             raise NwbflowError(f"{output_path}: the ndx-nwbflow spec was not cached in the file")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -6,13 +6,13 @@ import dataclasses
 import json
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from nwbflow.atomic import atomic_path
 from nwbflow.errors import BadInputError
 from nwbflow.synth.config import INDICATORS, SynthConfig, session_identifier
 from nwbflow.synth.ephys import _MS_AFTER, _MS_BEFORE, ELECTRICAL_SERIES_PATH, ELECTRODES_PATH, SynthRecording
@@ -52,39 +52,18 @@ def ground_truth_paths(nwb_path: str | os.PathLike) -> GroundTruthPaths:
     )
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None],
-                  before_replace: Callable[[], None] | None = None) -> None:
-    """Write via ``write(tmp)`` to a hidden temporary beside ``path``, fsync, then rename into place.
-
-    ``before_replace`` runs after the fsync and before the rename (the temporary is removed if it fails).
-    """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")  # hidden, not *.nwb
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as stream:
-            os.fsync(stream.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_parquet(path: Path, columns: dict[str, np.ndarray]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.table({name: pa.array(values) for name, values in columns.items()})
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as stream:
-            np.savez(stream, **arrays)
-
-    _atomic_write(path, write)
+    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
+        np.savez(stream, **arrays)
 
 
 def _ephys_metadata(synth: SynthRecording, config: SynthConfig) -> dict[str, Any]:
@@ -140,7 +119,8 @@ def _write_sidecars(paths: GroundTruthPaths, config: SynthConfig, synth: SynthRe
         _write_parquet(paths.ophys_spikes, dict(roi_index=ophys.spike_roi_index, time_s=ophys.spike_times_s))
         meta["ophys"], written["ophys_spikes"] = _ophys_metadata(ophys, config), paths.ophys_spikes
     text = json.dumps(meta, indent=1, sort_keys=True)
-    _atomic_write(paths.metadata, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    with atomic_path(paths.metadata) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return GroundTruthPaths(nwb=paths.nwb, metadata=paths.metadata, **written)
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from nwbflow.atomic import atomic_path
 from nwbflow.errors import BadInputError
 from nwbflow.synth.config import SynthConfig, session_identifier
 from nwbflow.synth.ephys import _add_ephys, make_ephys_recording
-from nwbflow.synth.groundtruth import GroundTruthPaths, _atomic_write, _write_sidecars, ground_truth_paths
+from nwbflow.synth.groundtruth import GroundTruthPaths, _write_sidecars, ground_truth_paths
 from nwbflow.synth.ophys import _add_ophys, simulate_ophys
 
 logger = logging.getLogger(__name__)
@@ -84,15 +84,11 @@ def write_synthetic_session(path: str | os.PathLike, config: SynthConfig = Synth
     if ophys is not None:
         _add_ophys(nwbfile, ophys, config)
 
-    def write(tmp: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"The file path provided: .* does not end in '\.nwb'")
-            with NWBHDF5IO(str(tmp), mode="w") as io:
-                io.write(nwbfile)
-
-    written: list[GroundTruthPaths] = []
-    _atomic_write(target, write, before_replace=lambda: written.append(
-        _write_sidecars(ground_truth_paths(target), config, synth, ophys)))
+    with atomic_path(target, suffix=".nwb") as tmp:
+        with NWBHDF5IO(str(tmp), mode="w") as io:
+            io.write(nwbfile)
+        # Sidecars first: once the NWB is in place its ground truth is too.
+        sidecars = _write_sidecars(ground_truth_paths(target), config, synth, ophys)
     clipped = iterator.num_clipped if iterator is not None else 0
     logger.info("wrote %s in %.2f s (%d int16-clipped samples)", target, time.perf_counter() - started, clipped)
-    return written[0]
+    return sidecars

@@ -16,7 +16,8 @@ from nwbflow.ephys.peaks import iter_peaks
 from nwbflow.ephys.preprocess import preprocess_to_binary
 from nwbflow.nwb_io.read import open_session
 from nwbflow.params import PeakParams, PreprocessParams
-from nwbflow.tasks.artifacts import atomic_path, save_json, save_npy
+from nwbflow.atomic import atomic_path
+from nwbflow.tasks.artifacts import save_json, save_npy
 from nwbflow.tasks.caching import mark_complete, stage_dir, stage_key
 from nwbflow.tasks.compute import stage_device
 from nwbflow.tasks.outcome import StageOutcome
