@@ -114,12 +114,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _nightly(args: argparse.Namespace) -> int:
-    from nwbflow.flows.nightly import nightly
+    from nwbflow.flows.nightly import data_root, nightly
     from nwbflow.params import load_session_params
 
     params = load_session_params(args.params)
-    if not Path(args.root).is_dir():
-        raise BadInputError("data root is not a directory", path=args.root, fix="pass an existing folder")
+    data_root(args.root)  # bad input fails here, before Prefect starts
     outcome = nightly(args.root, args.out, params, args.workdir)
     print(f"processed {len(outcome['processed'])}, skipped {len(outcome['skipped'])} (unchanged)")
     return EXIT_OK

@@ -39,6 +39,14 @@ OUTPUT_SUFFIX = "_processed.nwb"
 DEFAULT_OUT_DIR = "processed"
 
 
+def data_root(root: str | Path) -> Path:
+    """The data root as an absolute path; BadInputError when it is not a directory."""
+    root_path = Path(root).resolve()
+    if not root_path.is_dir():
+        raise BadInputError("data root is not a directory", path=root_path, fix="pass an existing folder")
+    return root_path
+
+
 def find_sessions(root: Path, out_dir: Path) -> list[Path]:
     """NWB files under ``root``, sorted; hidden paths, outputs and work directories are skipped."""
     found = []
@@ -102,9 +110,7 @@ def nightly(root: Annotated[str, Field(min_length=1)], out_dir: str | None = Non
     Returns:
         The sessions processed, skipped (unchanged) and failed.
     """
-    root_path = Path(root).resolve()
-    if not root_path.is_dir():
-        raise BadInputError("data root is not a directory", path=root_path, fix="pass an existing folder")
+    root_path = data_root(root)
     out_path = Path(out_dir).resolve() if out_dir else root_path / DEFAULT_OUT_DIR
     out_path.mkdir(parents=True, exist_ok=True)
     ledger_file = out_path / LEDGER
