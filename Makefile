@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench bench-motion clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ bench: install
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 	$(BIN)/python benchmarks/preprocess.py --duration-s 60 --long-duration-s 600 --threads 1 2
 	$(BIN)/python benchmarks/pipeline.py
+
+# MEDiCINe: ours vs the reference package (medicine-neuro) vs DREDge, same peaks (~30 min on 2 cores).
+bench-motion: install
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	$(BIN)/python benchmarks/motion.py
 
 clean:
 	rm -rf $(VENV) nwbflow-demo .pytest_cache

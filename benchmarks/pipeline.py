@@ -51,7 +51,7 @@ def run(duration_s: float, num_channels: int, workdir: Path) -> list[dict]:
         clock = time.perf_counter()
         batches = list(iter_peaks(workdir / "pre.bin", num_channels, positions, series.sampling_rate_hz,
                                   PeakParams(), whitening_inverse=result.whitening_inverse,
-                                  chunk_samples=int(series.sampling_rate_hz)))
+                                  chunk_samples=int(series.sampling_rate_hz), binary_dtype=result.dtype))
         count = sum(len(b["sample_index"]) for b in batches)
         pq.write_table(pa.Table.from_pydict({k: np.concatenate([b[k] for b in batches]) for k in batches[0]}),
                        workdir / "peaks.parquet")

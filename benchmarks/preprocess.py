@@ -2,13 +2,16 @@
 
 Data: a synthetic int16 recording (SpikeInterface ground-truth generator, 384 channels at 30 kHz,
 gain 0.195 µV/bit) written as a raw binary; a 10 s block is tiled to the requested duration.
-Each measurement runs in its own process so its peak RSS is its own.
+Each measurement runs in its own process so its peak RSS (VmHWM, which starts afresh at exec) is its
+own; before each one the page cache's dirty pages are flushed (``os.sync``, not timed) so that no row
+pays for the previous row's writes.
 
 Rows (seconds of recording processed per wall-clock second, higher is better):
   floor          read int16 chunks, convert to float32 µV, write float32: the memory/IO floor
-  ours           offset + median CAR + zero-phase band-pass + ZCA whitening -> float32 binary
-  si_chain       bandpass_filter -> common_reference(median) -> whiten, saved to binary (n_jobs = threads)
-  ours_peaks     locally exclusive detection + center of mass on our preprocessed binary
+  ours           offset + median CAR + zero-phase band-pass + ZCA whitening -> float16 binary (the default)
+  ours_f32       the same with output_dtype="float32" (what SpikeInterface's chain writes)
+  si_chain       bandpass_filter -> common_reference(median) -> whiten, saved to float32 binary (n_jobs = threads)
+  ours_peaks     locally exclusive detection + center of mass on our float32 preprocessed binary
   si_peaks       detect_peaks(method="locally_exclusive") on the same binary, same threshold/radius/sweep
 
 Usage:
@@ -20,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -93,13 +96,14 @@ def run_floor(source: Int16FileSource, out: Path) -> dict:
     return {}
 
 
-def run_ours(source: Int16FileSource, out: Path, device: str) -> dict:
+def run_ours(source: Int16FileSource, out: Path, device: str, output_dtype: str) -> dict:
     from nwbflow.ephys.preprocess import preprocess_to_binary
     from nwbflow.params import PreprocessParams
 
-    result = preprocess_to_binary(source, PreprocessParams(chunk_duration_s=CHUNK_S), out, device=device)
+    params = PreprocessParams(chunk_duration_s=CHUNK_S, output_dtype=output_dtype)
+    result = preprocess_to_binary(source, params, out, device=device)
     np.save(out.with_suffix(".winv.npy"), result.whitening_inverse)
-    return {}
+    return {"output": output_dtype}
 
 
 def run_si_chain(source: Int16FileSource, out: Path, threads: int) -> dict:
@@ -130,7 +134,7 @@ def run_ours_peaks(source: Int16FileSource, preprocessed: Path, device: str) -> 
     count = 0
     for batch in iter_peaks(preprocessed, NUM_CHANNELS, np.load(positions_path(source.path.parent)), RATE_HZ,
                             PeakParams(), whitening_inverse=np.load(preprocessed.with_suffix(".winv.npy")),
-                            chunk_samples=int(CHUNK_S * RATE_HZ), device=device):
+                            chunk_samples=int(CHUNK_S * RATE_HZ), device=device, binary_dtype="float32"):
         count += len(batch["sample_index"])
     return {"peaks": count}
 
@@ -167,7 +171,9 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "floor":
         extra = run_floor(source, data_dir / "floor.f32")
     elif args.child == "ours":
-        extra = run_ours(source, preprocessed, args.device)
+        extra = run_ours(source, data_dir / f"ours_{int(args.duration_s)}s.f16", args.device, "float16")
+    elif args.child == "ours_f32":
+        extra = run_ours(source, preprocessed, args.device, "float32")
     elif args.child == "si_chain":
         extra = run_si_chain(source, data_dir / "si", threads)
     elif args.child == "ours_peaks":
@@ -177,13 +183,28 @@ def child(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - clock
     print(json.dumps({"row": args.child, "duration_s": args.duration_s, "threads": threads,
                       "device": args.device, "seconds": seconds, "x_realtime": args.duration_s / seconds,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}))
+                      "peak_rss_mb": peak_rss_mb(), **extra}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Unlike ``ru_maxrss``, it is not inherited across exec
+    from the parent (which may have held the generated recording)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 # ------------------------------------------------------------------------------------- driver
 def measure(row: str, duration_s: float, threads: int, device: str, data_dir: Path) -> dict:
     command = [sys.executable, __file__, "--child", row, "--duration-s", str(duration_s), "--threads",
                str(threads), "--device", device, "--data-dir", str(data_dir)]
+    stale = [data_dir / "floor.f32", data_dir / f"ours_{int(duration_s)}s.f16"]
+    if row == "ours_f32":  # the peak rows read this one
+        stale.append(data_dir / f"ours_{int(duration_s)}s.f32")
+    for path in stale:
+        path.unlink(missing_ok=True)  # a row never pays for truncating an earlier row's output
+    os.sync()
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{row} failed:\n{result.stderr[-4000:]}")
@@ -210,12 +231,12 @@ def main() -> None:
         make_data(data_dir, duration)
     rows = []
     for threads in args.threads:
-        order = ["floor", "ours", "ours_peaks"] + ([] if args.skip_si else ["si_chain", "si_peaks"])
+        order = ["floor", "ours", "ours_f32", "ours_peaks"] + ([] if args.skip_si else ["si_chain", "si_peaks"])
         for row in order:
             rows.append(measure(row, args.duration_s, threads, args.device, data_dir))
             print(f"  {row:10s} threads={threads}: {rows[-1]['x_realtime']:.2f} x real time", flush=True)
     if args.long_duration_s:
-        for row in ("ours", "ours_peaks"):
+        for row in ("ours", "ours_f32", "ours_peaks"):
             rows.append(measure(row, args.long_duration_s, args.threads[-1], args.device, data_dir))
     _report(rows, args)
 
@@ -227,13 +248,16 @@ def _report(rows: list[dict], args: argparse.Namespace) -> None:
     print(format_table(
         ["row", "recording s", "threads", "seconds", "x real time", "peak RSS MB", "note"],
         [[r["row"], f"{r['duration_s']:.0f}", str(r["threads"]), f"{r['seconds']:.1f}", f"{r['x_realtime']:.2f}",
-          f"{r['peak_rss_mb']:.0f}", str(r.get("peaks", "")) + (f" {r['method']}" if "method" in r else "")]
+          f"{r['peak_rss_mb']:.0f}", str(r.get("peaks", r.get("output", "")))
+          + (f" {r['method']}" if "method" in r else "")]
          for r in rows]))
     by = {(r["row"], r["threads"], r["duration_s"]): r for r in rows}
     for threads in args.threads:
-        ours, si = by.get(("ours", threads, args.duration_s)), by.get(("si_chain", threads, args.duration_s))
-        if ours and si:
-            print(f"threads={threads}: ours / SpikeInterface chain = {ours['x_realtime'] / si['x_realtime']:.2f}x")
+        si = by.get(("si_chain", threads, args.duration_s))
+        for row in ("ours", "ours_f32"):
+            ours = by.get((row, threads, args.duration_s))
+            if ours and si:
+                print(f"threads={threads}: {row} / SpikeInterface chain = {ours['x_realtime'] / si['x_realtime']:.2f}x")
         ours_p, si_p = by.get(("ours_peaks", threads, args.duration_s)), by.get(("si_peaks", threads, args.duration_s))
         if ours_p and si_p:
             print(f"threads={threads}: ours / SpikeInterface peaks = {ours_p['x_realtime'] / si_p['x_realtime']:.2f}x")

@@ -12,6 +12,13 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="nwbflow-prefect-h
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+#: Motion settings for flow tests on 10-30 s sessions: the pipeline's plumbing, not the fit's accuracy
+#: (tests/test_motion.py checks that, benchmarks/motion.py measures it). The defaults would take
+#: ~3000 steps (about a minute on CI's CPU) per run.
+FAST_MOTION = {"training_steps": 300, "motion_noise_steps": 100, "batch_size": 512, "hidden_features": [32, 32],
+               "average_steps": 50, "early_stop_tolerance_um": 0.0, "time_kernel_width_s": 4.0}
 
 
 def sha256_of(path: str | Path) -> str:
@@ -21,6 +28,13 @@ def sha256_of(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])])
+def device(request) -> str:
+    """Every kernel test runs on the CPU, and on CUDA where there is one."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import sha256_of
+from conftest import FAST_MOTION, sha256_of
 from nwbflow import cli
 
 
@@ -27,7 +28,9 @@ def test_help(command):
 def test_run_end_to_end_exit_0(small_session, tmp_path):
     before = sha256_of(small_session)
     out = tmp_path / "out.nwb"
-    result = _nwbflow("run", str(small_session), "-o", str(out), "--device", "cpu", "--workdir", str(tmp_path / "w"))
+    (tmp_path / "p.json").write_text(json.dumps({"motion": FAST_MOTION}))
+    result = _nwbflow("run", str(small_session), "-o", str(out), "--device", "cpu", "--workdir", str(tmp_path / "w"),
+                      "--params", str(tmp_path / "p.json"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.is_file() and "write-back" in result.stdout
     assert sha256_of(small_session) == before
@@ -42,7 +45,7 @@ def test_bad_input_exit_2_one_line_no_traceback(case, small_session, tmp_path):
         args[1] = str(tmp_path / "text.nwb")
         (tmp_path / "text.nwb").write_text("hello")
     elif case == "unbuilt_stage":
-        args += ["--stages", "motion"]
+        args += ["--stages", "sorting"]
     elif case == "unknown_param":
         (tmp_path / "p.json").write_text('{"peaks": {"threshold": 4}}')
         args += ["--params", str(tmp_path / "p.json")]

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from pynwb import NWBHDF5IO
 
-from conftest import sha256_of
+from conftest import FAST_MOTION, sha256_of
 from nwbflow.nwb_io.provenance import read_provenance
 from nwbflow.synth import SynthConfig, write_synthetic_session
 
@@ -217,6 +217,20 @@ def test_nightly_is_scheduled_with_parameters_from_the_environment(service):
     assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"]) == ("0 2 * * *", "UTC")
 
 
+def test_dandi_prep_is_registered_and_refuses_an_unknown_files_mode(service):
+    dandi = _deployment(service, "dandi-prep", flow="dandi-prep")
+    assert dandi["entrypoint"] == "nwbflow.flows.dandi.dandi_prep"
+    assert dandi["enforce_parameter_schema"] is True and dandi["work_pool_name"] == "nwbflow-cpu"
+    assert dandi["parameters"] == {} and dandi["schedules"] == []
+    schema = dandi["parameter_openapi_schema"]
+    assert set(schema["required"]) == {"root", "out_dir"}
+    assert schema["properties"]["files_mode"]["enum"] == ["hardlink", "copy"]
+    response = service.client.post(f"/deployments/{dandi['id']}/create_flow_run", json={"parameters": {
+        "root": "/data/raw", "out_dir": "/data/dandiset", "files_mode": "move"}})
+    assert response.status_code == 409, response.text
+    assert _count_runs(service, dandi["id"]) == 0
+
+
 @pytest.mark.parametrize("params", [{"peaks": {"threshold_mad": -1}}, {"bogus": 1}, {"device": "tpu"}],
                          ids=["out-of-bounds", "unknown-key", "bad-enum"])
 def test_api_refuses_invalid_parameters_without_creating_a_run(service, params):
@@ -238,7 +252,8 @@ def test_run_created_like_the_ui_run_button_completes_with_provenance(service, s
     deployment = _deployment(service, "process-session")
     response = service.client.post(
         f"/deployments/{deployment['id']}/create_flow_run",
-        json={"parameters": {"nwb_path": str(session_file), "out_path": str(out), "params": {"device": "cpu"}}})
+        json={"parameters": {"nwb_path": str(session_file), "out_path": str(out),
+                             "params": {"device": "cpu", "motion": FAST_MOTION}}})
     assert response.status_code == 201, response.text
     flow_run_id = response.json()["id"]
 
@@ -247,8 +262,13 @@ def test_run_created_like_the_ui_run_button_completes_with_provenance(service, s
         f"flow run {run['state']['type']}: {run['state'].get('message')}\n{service.logs()}")
     assert out.exists()
     with NWBHDF5IO(str(out), "r") as io:
-        rows = read_provenance(io.read())
+        nwbfile = io.read()
+        rows = read_provenance(nwbfile)
+        # This short session has fewer peaks than a motion fit needs: the motion stage is skipped (with a
+        # warning), not failed, and leaves nothing in the file.
+        assert "ecephys" not in nwbfile.processing or "motion" not in nwbfile.processing["ecephys"].data_interfaces
     assert [r["stage"] for r in rows] == ["preprocess", "peaks"]
+    assert "motion stage skipped" in service.logs()
     assert {r["flow_run_id"] for r in rows} == {flow_run_id}
     assert all(r["device"] == "cpu" for r in rows)
     assert sha256_of(session_file) == input_sha

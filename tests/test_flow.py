@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from prefect.client.orchestration import get_client
 from pynwb import NWBHDF5IO
 
-from conftest import sha256_of
+from conftest import FAST_MOTION, sha256_of
 from nwbflow.errors import BadInputError
 from nwbflow.evaluation import score_detection
 from nwbflow.flows.session import process_session
@@ -16,7 +18,7 @@ from nwbflow.nwb_io import layout
 from nwbflow.nwb_io.read import open_session
 from nwbflow.nwb_io.validate import validate_file
 from nwbflow.nwb_io.provenance import read_provenance
-from nwbflow.params import PeakParams, PreprocessParams, SessionParams
+from nwbflow.params import MotionParams, PeakParams, PreprocessParams, SessionParams
 from nwbflow.synth import load_ground_truth
 
 
@@ -25,7 +27,7 @@ def processed(prefect_server, small_session, tmp_path_factory):
     """Run the flow once; keep the state, output path and the input's hash from before the run."""
     before = sha256_of(small_session)
     out = tmp_path_factory.mktemp("processed") / "small_processed.nwb"
-    params = SessionParams(device="cpu", peaks=PeakParams(write_to_nwb=True))
+    params = SessionParams(device="cpu", motion=FAST_MOTION, peaks=PeakParams(write_to_nwb=True))
     state = process_session(str(small_session), str(out), params, return_state=True)
     return {"state": state, "out": out, "input_sha": before, "summary": state.result()}
 
@@ -39,7 +41,7 @@ def test_flow_completes_on_the_server_and_leaves_input_unchanged(processed, smal
         assert run.state.is_completed()
         task_runs = client.read_task_runs()
         names = {t.name.split("-")[0] for t in task_runs if t.flow_run_id == flow_run_id}
-    assert {"preprocess", "peaks", "write"} <= names
+    assert {"preprocess", "peaks", "motion", "write"} <= names
 
 
 def test_provenance_rows_name_the_flow_run_inputs_and_outputs(processed, small_session):
@@ -50,9 +52,9 @@ def test_provenance_rows_name_the_flow_run_inputs_and_outputs(processed, small_s
                           "sha256": series.content_hash()}
     with NWBHDF5IO(str(processed["out"]), "r") as io:
         rows = read_provenance(io.read())
-    assert [r["stage"] for r in rows] == ["preprocess", "peaks"]
+    assert [r["stage"] for r in rows] == ["preprocess", "peaks", "motion"]
     assert {r["flow_run_id"] for r in rows} == {flow_run_id}
-    assert all(r["task_run_id"] for r in rows) and len({r["task_run_id"] for r in rows}) == 2
+    assert all(r["task_run_id"] for r in rows) and len({r["task_run_id"] for r in rows}) == 3
     for row in rows:
         assert row["inputs"] == [expected_input]
         assert row["start_time_utc"] <= row["end_time_utc"]
@@ -60,6 +62,29 @@ def test_provenance_rows_name_the_flow_run_inputs_and_outputs(processed, small_s
     assert rows[0]["parameters"] == PreprocessParams().model_dump(mode="json")
     assert rows[1]["parameters"]["threshold_mad"] == PeakParams().threshold_mad
     assert layout.PEAKS_PATH in rows[1]["outputs"]
+    assert rows[2]["parameters"] == {**MotionParams(**FAST_MOTION).model_dump(mode="json"), "seed": 0}
+    assert layout.MOTION_PATH in rows[2]["outputs"]
+
+
+def test_motion_estimate_is_in_the_file_linked_to_its_series(processed, small_session):
+    motion = next(s for s in processed["summary"]["stages"] if s["stage"] == "motion")
+    with np.load(motion["artifacts"]["motion"]) as saved:
+        expected = {key: saved[key] for key in ("displacement_um", "time_bins_s", "depth_bins_um")}
+    with NWBHDF5IO(str(processed["out"]), "r") as io:
+        nwbfile = io.read()
+        estimate = nwbfile.processing[layout.ECEPHYS_MODULE][layout.MOTION]
+        np.testing.assert_array_equal(estimate.displacement[:], expected["displacement_um"])
+        np.testing.assert_array_equal(estimate.time_bin_centers[:], expected["time_bins_s"])
+        np.testing.assert_array_equal(estimate.depth_bin_centers[:], expected["depth_bins_um"])
+        assert (estimate.method, estimate.direction, estimate.displacement__unit) == ("medicine", "y", "um")
+        with open_session(small_session) as session:
+            series_name = session.select_ephys(None).object_path.split("/")[-1]
+        assert estimate.source_electrical_series is nwbfile.acquisition[series_name]
+    assert Path(motion["artifacts"]["figure"]).stat().st_size > 10_000
+    corrected = Path(motion["artifacts"]["corrected"])
+    preprocessed = next(s for s in processed["summary"]["stages"] if s["stage"] == "preprocess")
+    assert corrected.stat().st_size == Path(preprocessed["artifacts"]["preprocessed"]).stat().st_size
+    assert any(str(f).endswith("_motion.png") for f in processed["summary"]["figures"])
 
 
 def test_peaks_match_ground_truth_and_nwb_copy(processed, small_session):
@@ -86,7 +111,7 @@ def test_bad_input_fails_the_flow_with_a_clear_error(prefect_server, tmp_path):
     not_nwb = tmp_path / "notes.nwb"
     not_nwb.write_text("this is not HDF5")
     with pytest.raises(BadInputError, match="notes.nwb"):
-        process_session(str(not_nwb), str(tmp_path / "out.nwb"), SessionParams(device="cpu"))
+        process_session(str(not_nwb), str(tmp_path / "out.nwb"), SessionParams(device="cpu", motion=FAST_MOTION))
     assert not (tmp_path / "out.nwb").exists()
 
 

@@ -26,13 +26,6 @@ def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
 
 
-@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])])
-def device(request) -> str:
-    """Every kernel test runs on the CPU, and on CUDA where there is one."""
-    return request.param
-
-
 # ---------------------------------------------------------------- detection rules (synthetic, exact)
 
 def test_locally_exclusive_keeps_the_largest_within_radius_and_sweep(device):
@@ -208,7 +201,7 @@ class RecordingSource:
 
 @pytest.fixture(scope="module")
 def recording_data(tmp_path_factory):
-    """20 s, 32 channels, 10 units, 10 µV noise; preprocessed with defaults (device independent)."""
+    """20 s, 32 channels, 10 units, 10 µV noise; preprocessed with defaults (float16 binary; device independent)."""
     import spikeinterface.core as si
 
     recording, sorting = si.generate_ground_truth_recording(
@@ -226,14 +219,14 @@ def _run(gt, localization: str, chunk_samples: int) -> dict[str, np.ndarray]:
     params = gt["params"].model_copy(update={"localization": localization})
     return _concat(list(iter_peaks(gt["binary"], 32, gt["positions"], FS_HZ, params,
                                    whitening_inverse=gt["pre"].whitening_inverse, noise_levels=gt["noise"],
-                                   chunk_samples=chunk_samples, device=gt["device"])))
+                                   chunk_samples=chunk_samples, device=gt["device"], binary_dtype=gt["pre"].dtype)))
 
 
 @pytest.fixture(scope="module")
 def ground_truth(recording_data, device):
     """Our peaks on the ground-truth recording, located by center of mass and by triangulation."""
     gt = dict(recording_data, params=PeakParams(), device=device)
-    gt["noise"] = noise_mad(gt["binary"], 32, chunk_samples=30_000, device=device)
+    gt["noise"] = noise_mad(gt["binary"], 32, chunk_samples=30_000, device=device, binary_dtype=gt["pre"].dtype)
     gt["ours"] = _run(gt, "center_of_mass", 30_000)
     gt["triangulated"] = _run(gt, "monopolar_triangulation", 30_000)
     return gt
@@ -244,7 +237,7 @@ def _spikeinterface_peaks(gt) -> np.ndarray:
     import spikeinterface.core as si
     from spikeinterface.sortingcomponents.peak_detection import detect_peaks as si_detect_peaks
 
-    data = np.memmap(gt["binary"], dtype=np.float32, mode="r", shape=(gt["pre"].num_samples, 32))
+    data = np.fromfile(gt["binary"], dtype=gt["pre"].dtype).astype(np.float32).reshape(-1, 32)
     recording = si.NumpyRecording([data], sampling_frequency=FS_HZ)
     recording.set_probe(gt["recording"].get_probe())
     params = gt["params"]

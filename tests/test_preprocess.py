@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -30,13 +31,6 @@ from nwbflow.errors import BadInputError
 from nwbflow.params import PreprocessParams
 
 FS_HZ = 30_000.0
-
-
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])])
-def device(request) -> str:
-    """Every kernel test runs on the CPU, and on CUDA where there is one."""
-    return request.param
 
 
 class BlockNoiseSource:
@@ -67,7 +61,8 @@ class BlockNoiseSource:
 
 
 def _read(result: PreprocessResult) -> np.ndarray:
-    return np.fromfile(result.out_path, dtype=np.float32).reshape(result.num_samples, result.num_channels)
+    stored = np.fromfile(result.out_path, dtype=np.dtype(result.dtype).newbyteorder("<"))
+    return stored.astype(np.float32).reshape(result.num_samples, result.num_channels)
 
 
 def _whole_array(source: TraceSource, params: PreprocessParams, result: PreprocessResult,
@@ -96,7 +91,7 @@ def test_source_protocol_is_satisfied():
 
 def test_bandpass_equals_sosfiltfilt_away_from_the_ends(tmp_path, device):
     source = BlockNoiseSource(90_000, 10.0 * np.eye(8), seed=1, lfp_uv=200.0)
-    params = PreprocessParams(common_reference=False, whiten=False, chunk_duration_s=0.25)
+    params = PreprocessParams(output_dtype="float32", common_reference=False, whiten=False, chunk_duration_s=0.25)
     result = preprocess_to_binary(source, params, tmp_path / "filtered.bin", device=device)
     assert result.device == str(torch.device(device))
     sos = design_bandpass(300.0, 6000.0, FS_HZ, order=3)
@@ -152,7 +147,7 @@ def test_fft_lengths_are_radix_2_heavy_5_smooth_and_minimal():
 def test_chunk_boundaries_are_invisible(tmp_path, device, common_reference, whiten):
     mixing = 10.0 * np.eye(6) + 4.0
     source = BlockNoiseSource(45_000, mixing, seed=3, lfp_uv=300.0)
-    params = PreprocessParams(common_reference=common_reference, whiten=whiten, chunk_duration_s=0.1,
+    params = PreprocessParams(output_dtype="float32", common_reference=common_reference, whiten=whiten, chunk_duration_s=0.1,
                               noise_sample_chunks=5)
     result = preprocess_to_binary(source, params, tmp_path / "chunked.bin", device=device)
     whole = _whole_array(source, params, result, device)
@@ -163,7 +158,7 @@ def test_chunk_boundaries_are_invisible(tmp_path, device, common_reference, whit
 def test_concurrent_cpu_streams_equal_one_stream(tmp_path):
     """On the CPU, chunks computed on several threads are written in order: same file as one stream."""
     source = BlockNoiseSource(90_000, 10.0 * np.eye(8) + 3.0, seed=4)
-    params = PreprocessParams(chunk_duration_s=0.1, noise_sample_chunks=5)
+    params = PreprocessParams(output_dtype="float32", chunk_duration_s=0.1, noise_sample_chunks=5)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -259,7 +254,7 @@ def test_whitening_matrix_is_zca():
 @pytest.mark.parametrize("num_samples", [1, 100, 2_000])  # < margin (442), < margin, < one chunk
 def test_recordings_shorter_than_the_margin_or_a_chunk(tmp_path, device, num_samples):
     source = BlockNoiseSource(num_samples, 10.0 * np.eye(4) + 2.0, seed=6)
-    params = PreprocessParams(chunk_duration_s=0.5, whiten=num_samples > 1)
+    params = PreprocessParams(output_dtype="float32", chunk_duration_s=0.5, whiten=num_samples > 1)
     result = preprocess_to_binary(source, params, tmp_path / "short.bin", device=device)
     assert num_samples < 15_000 and (num_samples > 1_000 or num_samples < result.margin_samples)
     out = _read(result)
@@ -309,7 +304,7 @@ def test_memory_is_bounded_by_the_chunk_not_the_recording(tmp_path):
     peak_short = _peak_traced_bytes(short, params, tmp_path / "short.bin")
     peak_long = _peak_traced_bytes(long, params, tmp_path / "long.bin")
     assert peak_long <= 1.2 * peak_short, (peak_short, peak_long)
-    assert open_binary(tmp_path / "long.bin", 8, 10_000.0).num_samples == 100_000
+    assert open_binary(tmp_path / "long.bin", 8, 10_000.0, dtype=params.output_dtype).num_samples == 100_000
 
 
 def _peak_growth_bytes(source: TraceSource, params: PreprocessParams, out_path, device: str) -> int:
@@ -338,7 +333,7 @@ def test_device_memory_does_not_grow_with_the_recording(tmp_path, device):
     """torch allocations (which tracemalloc does not see) are bounded by the chunk too."""
     params = PreprocessParams(chunk_duration_s=0.2, noise_sample_chunks=3)
     mixing = 10.0 * np.eye(16) + 1.0
-    recording_bytes = 600_000 * 16 * 4  # 38 MB of float32 output
+    recording_bytes = 600_000 * 16 * 2  # 19 MB of float16 output
     short, long = BlockNoiseSource(60_000, mixing, seed=11), BlockNoiseSource(600_000, mixing, seed=11)
     _peak_growth_bytes(short, params, tmp_path / "warm.bin", device)  # caches, FFT plans, allocator pools
     peak_short = _peak_growth_bytes(short, params, tmp_path / "short.bin", device)
@@ -381,7 +376,7 @@ class _OomAboveSource(BlockNoiseSource):
 
 def test_preprocess_to_binary_survives_out_of_memory(tmp_path, device):
     mixing = 10.0 * np.eye(4) + 2.0
-    params = PreprocessParams(common_reference=False, whiten=False, chunk_duration_s=1.0)
+    params = PreprocessParams(output_dtype="float32", common_reference=False, whiten=False, chunk_duration_s=1.0)
     progress: list[tuple[int, int]] = []
     result = preprocess_to_binary(_OomAboveSource(100_000, mixing, seed=12, lfp_uv=50.0), params,
                                   tmp_path / "oom.bin", device=device, progress=lambda d, t: progress.append((d, t)))
@@ -398,6 +393,49 @@ def test_preprocess_to_binary_survives_out_of_memory(tmp_path, device):
         finally:
             _OomAboveSource.limit = 10_000
     assert not (tmp_path / "x.bin").exists() and not (tmp_path / "x.bin.partial").exists()
+
+
+def test_out_of_memory_on_concurrent_cpu_streams_goes_on_with_one(tmp_path):
+    """Chunks computed ahead of an out-of-memory error give their buffers back: the one-stream rest never waits."""
+    mixing = 10.0 * np.eye(4) + 2.0
+    params = PreprocessParams(output_dtype="float32", common_reference=False, whiten=False, chunk_duration_s=1.0)
+    outcome: dict = {}
+
+    def run() -> None:
+        outcome["result"] = preprocess_to_binary(_OomAboveSource(100_000, mixing, seed=12, lfp_uv=50.0), params,
+                                                 tmp_path / "oom.bin")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(timeout=120)
+    finally:
+        torch.set_num_threads(threads)
+    assert not worker.is_alive(), "the stream stalled after the out-of-memory error"
+    reference = preprocess_to_binary(BlockNoiseSource(100_000, mixing, seed=12, lfp_uv=50.0), params,
+                                     tmp_path / "ref.bin")
+    np.testing.assert_allclose(_read(outcome["result"]), _read(reference), rtol=0, atol=1e-5 * _read(reference).std())
+
+
+# --------------------------------------------------------------------------------------- output storage
+
+
+def test_float16_output_is_float32_output_rounded_once(tmp_path):
+    """The default float16 binary holds the float32 result rounded to nearest: relative error <= 2^-11."""
+    source = BlockNoiseSource(60_000, 10.0 * np.eye(8) + 3.0, seed=21, lfp_uv=200.0)
+    half = preprocess_to_binary(source, PreprocessParams(chunk_duration_s=0.2), tmp_path / "half.bin")
+    full = preprocess_to_binary(source, PreprocessParams(chunk_duration_s=0.2, output_dtype="float32"),
+                                tmp_path / "full.bin")
+    assert (half.dtype, full.dtype) == ("float16", "float32")
+    assert half.out_path.stat().st_size * 2 == full.out_path.stat().st_size
+    np.testing.assert_array_equal(_read(half), _read(full).astype(np.float16).astype(np.float32))
+    reread = open_binary(half.out_path, 8, dtype="float16").get_traces(1_000, 2_000)
+    assert reread.dtype == np.float32
+    np.testing.assert_array_equal(reread, _read(half)[1_000:2_000])
+    with pytest.raises(BadInputError, match="float64"):
+        open_binary(half.out_path, 8, dtype="float64")
 
 
 # ------------------------------------------------------------------------------------- background I/O

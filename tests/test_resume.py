@@ -12,7 +12,7 @@ import pytest
 import torch
 from prefect import flow
 
-from conftest import sha256_of
+from conftest import FAST_MOTION, sha256_of
 from nwbflow.errors import BadInputError, StageTimeoutError
 from nwbflow.flows.session import process_session
 from nwbflow.params import PeakParams, PreprocessParams, SessionParams
@@ -20,13 +20,13 @@ from nwbflow.synth import SynthConfig, write_synthetic_session
 from nwbflow.tasks import ephys as ephys_tasks
 from nwbflow.tasks.plan import plan_session
 
-PARAMS = SessionParams(device="cpu")
+PARAMS = SessionParams(device="cpu", motion=FAST_MOTION)
 
 RUNNER = """
 import sys
 from nwbflow.flows.session import process_session
 from nwbflow.params import SessionParams
-process_session(sys.argv[1], sys.argv[2], SessionParams(device="cpu"), sys.argv[3])
+process_session(sys.argv[1], sys.argv[2], SessionParams.model_validate_json(sys.argv[4]), sys.argv[3])
 """
 
 
@@ -50,7 +50,8 @@ def _task_states(state) -> dict[str, str]:
 def test_killed_run_resumes_recomputing_only_unfinished_stages(prefect_server, long_session, tmp_path):
     before = sha256_of(long_session)
     out, workdir = tmp_path / "out.nwb", tmp_path / "work"
-    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(long_session), str(out), str(workdir)],
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(long_session), str(out), str(workdir),
+                               PARAMS.model_dump_json()],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     try:
@@ -82,7 +83,7 @@ def test_killed_run_resumes_recomputing_only_unfinished_stages(prefect_server, l
 def test_parameter_change_or_deleted_artifacts_recompute(prefect_server, small_session, tmp_path):
     workdir = tmp_path / "work"
     process_session(str(small_session), str(tmp_path / "a.nwb"), PARAMS, str(workdir))
-    changed = SessionParams(device="cpu", peaks=PeakParams(threshold_mad=6.0))
+    changed = SessionParams(device="cpu", motion=FAST_MOTION, peaks=PeakParams(threshold_mad=6.0))
     states = _task_states(process_session(str(small_session), str(tmp_path / "b.nwb"), changed, str(workdir),
                                           return_state=True))
     assert (states["preprocess"], states["peaks"]) == ("Cached", "Completed")
@@ -137,7 +138,7 @@ def test_bad_input_is_not_retried(prefect_server, small_session, tmp_path, monke
 
 
 def test_stage_timeout_stops_the_stage_without_retry(prefect_server, long_session, tmp_path):
-    params = SessionParams(device="cpu", stage_timeout_s=0.5)
+    params = SessionParams(device="cpu", motion=FAST_MOTION, stage_timeout_s=0.5)
     with pytest.raises(StageTimeoutError, match="preprocess"):
         process_session(str(long_session), str(tmp_path / "out.nwb"), params, str(tmp_path / "work"))
     assert not (tmp_path / "out.nwb").exists()

@@ -1,12 +1,15 @@
-"""``nwbflow`` command line: run, synth, demo.
+"""``nwbflow`` command line: run, synth, nightly, dandi-prep, demo.
 
 Exit codes (a contract): 0 success, 2 bad input (one line naming file,
-object and fix; a traceback only with ``--debug``), 1 any other failure.
+object and fix; a traceback only with ``--debug``), 1 any other failure;
+``dandi-prep`` exits 3 when it ran but some file would be refused by
+``dandi upload`` (the report says which and how to fix it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -17,7 +20,7 @@ from nwbflow import __version__
 from nwbflow.errors import BadInputError
 from nwbflow.params import STAGE_ORDER
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_BLOCKED = 0, 1, 2, 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nwbflow")
     parser = _parser()
     args = parser.parse_args(argv)
-    if not args.debug and args.command in ("run", "nightly", "demo"):
+    if not args.debug and args.command in ("run", "nightly", "dandi-prep", "demo"):
         _hide_tracebacks()
     try:
         return args.handler(args)
@@ -90,6 +93,27 @@ def _parser() -> argparse.ArgumentParser:
     nightly.add_argument("--workdir", metavar="DIR", help="work directory (default OUT/.nwbflow-work)")
     nightly.set_defaults(handler=_nightly)
 
+    dandi = sub.add_parser(
+        "dandi-prep", parents=[common], help="check NWB files for DANDI upload, report fixes, organize",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Check every NWB file under ROOT (raw and processed) the way `dandi upload` does, report "
+                    "each blocker with its fix, and put the ready ones under DANDI's names in DANDISET_DIR "
+                    "(hard links or copies; originals are never changed).\n\n"
+                    "Exit codes: 0 all ready, 3 some file blocked (see the report), 2 bad input, 1 failure.\n\n"
+                    "meta.yaml supplies missing metadata explicitly; it is written into processed copies only:\n"
+                    "  subjects:                 # by subject_id\n"
+                    "    mouse-001: {species: Mus musculus, sex: M, age: P90D}\n"
+                    "  sessions:                 # by NWBFile.session_id\n"
+                    "    s1: {subject_id: mouse-001, utc_offset: '+01:00'}\n"
+                    "  files:                    # by path relative to ROOT\n"
+                    "    m1/s1_processed.nwb: {session_id: s1}")
+    dandi.add_argument("root", metavar="ROOT", help="folder with the NWB files (searched recursively)")
+    dandi.add_argument("--out", metavar="DANDISET_DIR", required=True,
+                       help="Dandiset folder (e.g. from `dandi download`); report in DANDISET_DIR/.nwbflow-dandi-prep")
+    dandi.add_argument("--metadata", metavar="meta.yaml", help="explicitly supplied subject/session metadata")
+    dandi.add_argument("--copy", action="store_true", help="copy files instead of hard-linking them")
+    dandi.set_defaults(handler=_dandi_prep)
+
     demo = sub.add_parser("demo", parents=[common], help="synthesize a session, process it, print a report",
                           description="Build a small synthetic session, run process_session on CPU on the "
                                       "embedded Prefect server, validate the output, print stage timings.")
@@ -122,6 +146,37 @@ def _nightly(args: argparse.Namespace) -> int:
     outcome = nightly(args.root, args.out, params, args.workdir)
     print(f"processed {len(outcome['processed'])}, skipped {len(outcome['skipped'])} (unchanged)")
     return EXIT_OK
+
+
+def _dandi_prep(args: argparse.Namespace) -> int:
+    from nwbflow.flows.dandi import UploadBlockedError, check_dandi_prep_inputs, dandi_prep
+
+    root, out, _meta = check_dandi_prep_inputs(args.root, args.out, args.metadata)  # before Prefect starts
+    metadata = None if args.metadata is None else str(Path(args.metadata).resolve())
+    try:
+        report = dandi_prep(str(root), str(out), metadata, "copy" if args.copy else "hardlink")
+    except UploadBlockedError as exc:
+        report = json.loads(Path(exc.report_path).read_text())
+        print(_dandi_summary(report))
+        print(f"nwbflow: blocked: {exc}", file=sys.stderr)
+        return EXIT_BLOCKED
+    print(_dandi_summary(report))
+    return EXIT_OK
+
+
+def _dandi_summary(report: dict) -> str:
+    """A table of the files (status, DANDI path), each blocker's fix under it, the notes, the report's path."""
+    from nwbflow.report import format_table
+
+    rows = [[a["relative"], a["kind"], a["status"], a["target"] or "-"] for a in report["assets"]]
+    lines = [format_table(["file", "kind", "status", "DANDI path"], rows)]
+    for asset in report["assets"]:
+        if asset["blockers"]:
+            lines.append(f"\n{asset['relative']} is blocked:")
+            lines += [f"  - [{b['check']}] fix: {b['fix']}" for b in asset["blockers"]]
+    lines += [f"note: {note}" for note in report["notes"]]
+    lines.append(f"report: {Path(report['dandiset_dir']) / '.nwbflow-dandi-prep' / 'report.md'} (and report.json)")
+    return "\n".join(lines)
 
 
 def _synth(args: argparse.Namespace) -> int:

@@ -52,6 +52,9 @@ class PreprocessParams(_Params):
         0.33, gt=0.005, le=60, description="Length of each sampled chunk (s); 20 x 0.33 s = 200k samples, "
                                            "as SpikeInterface's whitening uses.")
     chunk_duration_s: float = Field(1.0, gt=0.01, le=60, description="Samples processed at once (s).")
+    output_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="Storage of the preprocessed scratch binary: float16 (relative precision 2^-11, "
+                               "half the disk and I/O of float32; read back as float32) or float32.")
 
     @model_validator(mode="after")
     def _band_is_ordered(self) -> PreprocessParams:
@@ -81,6 +84,59 @@ class PeakParams(_Params):
     write_to_nwb: bool = Field(False, description="Also write peaks to the NWB file as an EventsTable.")
 
 
+class MotionParams(_Params):
+    """MEDiCINe motion estimation from peaks, and motion correction of the preprocessed traces.
+
+    The defaults are ours (measured in benchmarks/RESULTS.md); :meth:`paper`
+    gives the hyper-parameters of the MEDiCINe paper and its reference package.
+    """
+
+    time_bin_s: float = Field(1.0, gt=0, le=60, description="Motion time resolution (s).")
+    num_depth_bins: int = Field(2, ge=1, le=64,
+                                description="Depth levels of the motion (1: rigid); interpolated linearly between.")
+    time_kernel_width_s: float = Field(30.0, ge=0, le=3600,
+                                       description="Width of the triangular smoothing kernel over time (s).")
+    motion_bound_um: float = Field(800.0, gt=0, le=20000,
+                                   description="Bound on the peak-to-peak motion (µm); the motion is b*tanh(M).")
+    time_interpolation: Literal["linear", "bin"] = Field(
+        "linear", description="A peak's motion: linear between time-bin centres, or its bin's value (the paper).")
+    amplitude_threshold_quantile: float = Field(
+        0.0, ge=0, lt=1, description="Fraction of smallest-|amplitude| peaks ignored.")
+    hidden_features: tuple[int, ...] = Field(
+        (128, 128), min_length=1, max_length=4,
+        description="Hidden layer widths of the activity network (the paper: 256, 256).")
+    batch_size: int = Field(4096, ge=64, le=1 << 20, description="Real peaks per step (as many negatives).")
+    training_steps: int = Field(10_000, ge=1, le=1_000_000, description="Optimizer steps (at most).")
+    learning_rate: float = Field(5e-4, gt=0, le=1, description="Adam learning rate.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping.")
+    initial_motion_noise: float = Field(
+        0.1, ge=0, le=1, description="Std of the Gaussian noise added to the motion at step 0 (normalized depth).")
+    motion_noise_steps: int = Field(2000, ge=1, description="Steps over which that noise decays linearly to 0.")
+    average_steps: int = Field(
+        500, ge=0, description="Once the motion noise is gone, report the motion averaged over about this many "
+                               "steps (exponential average); 0: the last step's motion (the paper).")
+    early_stop_tolerance_um: float = Field(
+        0.1, ge=0, description="Stop once the averaged motion moved less than this (µm, mean over bins) between "
+                               "two checks 250 steps apart; 0: run every step (the paper).")
+    write_corrected_traces: bool = Field(
+        True, description="Also write the motion-corrected preprocessed traces (the sorter's input).")
+    interpolation: Literal["kriging", "idw", "nearest"] = Field(
+        "kriging", description="How corrected traces are interpolated from neighbouring channels.")
+    kriging_sigma_um: float = Field(20.0, gt=0, le=500, description="Length scale of the kriging kernel (µm).")
+    kriging_p: float = Field(1.0, gt=0, le=2, description="Exponent of the kriging kernel exp(-(d/sigma)^p).")
+    correction_radius_um: float = Field(
+        100.0, gt=0, le=1000, description="Channels farther than this from a target position do not contribute (µm).")
+    idw_num_closest: int = Field(
+        3, ge=1, le=64, description="Nearest channels averaged by 'idw' interpolation (SpikeInterface's num_closest).")
+
+    @classmethod
+    def paper(cls, **overrides) -> MotionParams:
+        """The MEDiCINe paper's / reference package's settings: 256-wide network, motion constant over a
+        time bin, the last step's motion, every step run."""
+        return cls(**{"time_interpolation": "bin", "hidden_features": (256, 256), "average_steps": 0,
+                      "early_stop_tolerance_um": 0.0, **overrides})
+
+
 class SessionParams(_Params):
     """What `process_session` runs on one NWB file."""
 
@@ -95,6 +151,7 @@ class SessionParams(_Params):
                                 "Default: no limit.")
     preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
     peaks: PeakParams = Field(default_factory=PeakParams)
+    motion: MotionParams = Field(default_factory=MotionParams)
 
     @model_validator(mode="after")
     def _stages_in_order(self) -> SessionParams:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
 from nwbflow.errors import BadInputError
 
@@ -34,7 +35,8 @@ from nwbflow.errors import BadInputError
 #: (the task layer uses it for progress bars, progress artifacts and stage timeouts).
 ProgressFn = Callable[[int, int], None]
 
-BYTES_PER_SAMPLE = 4  # float32 scratch binaries
+#: Storage types of scratch binaries; every reader returns float32.
+BINARY_DTYPES = ("float32", "float16")
 
 
 @runtime_checkable
@@ -85,26 +87,33 @@ class ArraySource:
 
 
 class BinaryFileSource:
-    """A (num_samples, num_channels) float32 raw binary read with explicit reads, not mmap.
+    """A (num_samples, num_channels) float32 or float16 raw binary read with explicit reads, not mmap.
 
     Pages of a memory map stay resident after they are read, so a mapped
     binary makes the process's RSS grow with the recording's length; explicit
-    reads keep it at one chunk.
+    reads keep it at one chunk. Traces come back as float32 either way.
     """
 
-    def __init__(self, path: Path, num_channels: int, num_samples: int, sampling_rate_hz: float):
+    def __init__(self, path: Path, num_channels: int, num_samples: int, sampling_rate_hz: float,
+                 dtype: str = "float32"):
         self.path, self.num_channels, self.num_samples = path, int(num_channels), int(num_samples)
         self.sampling_rate_hz = sampling_rate_hz
+        self.dtype = np.dtype(dtype).newbyteorder("<")
         self._fd = os.open(path, os.O_RDONLY)
 
     def get_traces(self, start_sample: int, end_sample: int) -> np.ndarray:
         """(end - start, num_channels) float32 rows of the binary."""
         start, end = max(int(start_sample), 0), min(int(end_sample), self.num_samples)
-        traces = np.empty((max(end - start, 0), self.num_channels), dtype="<f4")
-        if traces.size:
-            got = os.preadv(self._fd, [memoryview(traces).cast("B")], start * self.num_channels * BYTES_PER_SAMPLE)
-            if got != traces.nbytes:
-                raise OSError(f"{self.path}: short read ({got} of {traces.nbytes} bytes)")
+        stored = np.empty((max(end - start, 0), self.num_channels), dtype=self.dtype)
+        if stored.size:
+            offset = start * self.num_channels * self.dtype.itemsize
+            got = os.preadv(self._fd, [memoryview(stored).cast("B")], offset)
+            if got != stored.nbytes:
+                raise OSError(f"{self.path}: short read ({got} of {stored.nbytes} bytes)")
+        if self.dtype == np.float32:
+            return stored
+        traces = np.empty(stored.shape, dtype=np.float32)
+        torch.from_numpy(traces).copy_(torch.from_numpy(stored))  # vectorized (F16C); numpy's cast is 14x slower
         return traces
 
     def close(self) -> None:
@@ -116,9 +125,9 @@ class BinaryFileSource:
         self.close()
 
 
-def open_binary(path: str | Path, num_channels: int,
-                sampling_rate_hz: float = float("nan")) -> ArraySource | BinaryFileSource:
-    """Open a (num_samples, num_channels) float32 C-order raw binary read-only as a source.
+def open_binary(path: str | Path, num_channels: int, sampling_rate_hz: float = float("nan"),
+                dtype: str = "float32") -> ArraySource | BinaryFileSource:
+    """Open a (num_samples, num_channels) C-order raw binary read-only as a float32 source.
 
     Parameters
     ----------
@@ -127,23 +136,27 @@ def open_binary(path: str | Path, num_channels: int,
         Channels per sample (columns).
     sampling_rate_hz : float
         Sampling rate (Hz); NaN (unknown) for callers that do not need it.
+    dtype : {"float32", "float16"}
+        How the values are stored (little-endian).
 
     Raises
     ------
     BadInputError
-        When the file size is not a whole number of float32 samples.
+        When the file size is not a whole number of rows, or ``dtype`` is not a binary type.
     """
     path = Path(path)
-    row_bytes = BYTES_PER_SAMPLE * int(num_channels)
+    if dtype not in BINARY_DTYPES:
+        raise BadInputError(f"scratch binaries are stored as one of {BINARY_DTYPES}, not {dtype!r}", path=path)
+    row_bytes = np.dtype(dtype).itemsize * int(num_channels)
     size = path.stat().st_size
     if num_channels < 1 or size % row_bytes:
-        raise BadInputError(f"file of {size} bytes is not a whole number of float32 rows of "
+        raise BadInputError(f"file of {size} bytes is not a whole number of {dtype} rows of "
                             f"{num_channels} channels", path=path,
-                            fix="pass the num_channels the binary was written with")
+                            fix="pass the num_channels and dtype the binary was written with")
     num_samples = size // row_bytes
     if num_samples == 0:
         return ArraySource(np.zeros((0, num_channels), dtype=np.float32), sampling_rate_hz)
-    return BinaryFileSource(path, num_channels, num_samples, sampling_rate_hz)
+    return BinaryFileSource(path, num_channels, num_samples, sampling_rate_hz, dtype)
 
 
 def chunk_ranges(num_samples: int, chunk_samples: int) -> np.ndarray:
@@ -198,11 +211,15 @@ class Window(NamedTuple):
     context_before, context_after : int
         Real samples read before and after the core (less than the margin
         asked for at the recording's ends).
+    first_sample : int
+        Index in the recording of ``traces[0]`` (the core starts at
+        ``first_sample + context_before``); 0 for windows not read from a recording.
     """
 
     traces: np.ndarray
     context_before: int
     context_after: int
+    first_sample: int = 0
 
 
 def read_window(source: TraceSource, start: int, end: int, margin_samples: int) -> Window:
@@ -228,7 +245,7 @@ def read_window(source: TraceSource, start: int, end: int, margin_samples: int) 
     if traces.shape != (hi - lo, source.num_channels):
         raise BadInputError(f"source returned shape {traces.shape} for samples [{lo}, {hi}), "
                             f"expected {(hi - lo, source.num_channels)}")
-    return Window(traces, start - lo, hi - end)
+    return Window(traces, start - lo, hi - end, lo)
 
 
 class WindowPrefetcher:
@@ -303,8 +320,9 @@ class BackgroundWriter:
     """Append arrays' bytes to a binary file from one background thread, so writing overlaps computing.
 
     ``write(array)`` hands a C-contiguous array over (keep it unchanged
-    afterwards) and returns at once unless ``depth`` writes are already
-    pending, which bounds the memory held to ``depth + 1`` arrays. A write
+    until its ``written`` callback, if any, has been called) and returns at
+    once unless ``depth`` writes are already pending, which bounds the memory
+    held to ``depth + 1`` arrays. A write
     error is raised by the next ``write`` or by leaving the ``with`` block;
     leaving it because of another exception drops what is pending.
 
@@ -332,23 +350,29 @@ class BackgroundWriter:
         self._thread.start()
 
     def _drain(self) -> None:
-        while (array := self._pending.get()) is not None:
-            if self._error is not None:
-                continue  # keep emptying the queue so that the producer never blocks
-            try:
-                view = memoryview(array).cast("B")
-                while view:  # raw files may write less than asked
-                    view = view[self._handle.write(view):]
-            except BaseException as exc:  # noqa: BLE001 - handed to the producer
-                self._error = exc
+        while (item := self._pending.get()) is not None:
+            array, written = item
+            if self._error is None:  # after an error, keep emptying the queue so that the producer never blocks
+                try:
+                    view = memoryview(array).cast("B")
+                    while view:  # raw files may write less than asked
+                        view = view[self._handle.write(view):]
+                except BaseException as exc:  # noqa: BLE001 - handed to the producer
+                    self._error = exc
+            if written is not None:
+                written(array)
 
-    def write(self, array: np.ndarray) -> None:
-        """Queue ``array``'s bytes (C order) for writing; raises an earlier write's error."""
+    def write(self, array: np.ndarray, written: Callable[[np.ndarray], None] | None = None) -> None:
+        """Queue ``array``'s bytes (C order) for writing; raises an earlier write's error.
+
+        ``written(array)`` is called from the writer thread once the array is
+        no longer needed (written, or dropped after an error).
+        """
         if self._error is not None:
             raise self._error
         if not array.flags.c_contiguous:
             raise ValueError("BackgroundWriter needs C-contiguous arrays")
-        self._pending.put(array)
+        self._pending.put((array, written))
 
     def __enter__(self) -> BackgroundWriter:
         return self

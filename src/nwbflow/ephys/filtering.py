@@ -171,8 +171,8 @@ def _cached_gain(sos_bytes: bytes, num_sections: int, fft_samples: int, device: 
     return torch.as_tensor(np.abs(response) ** 2, dtype=torch.float32, device=device)
 
 
-def filter_padded_window(x: torch.Tensor, pad_before: int, rows: int, pad_after: int,
-                         sos: np.ndarray) -> torch.Tensor:
+def filter_padded_window(x: torch.Tensor, pad_before: int, rows: int, pad_after: int, sos: np.ndarray, *,
+                         spectrum: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Zero-phase band-pass of a window held in a buffer of one FFT length, padded in place.
 
     Parameters
@@ -184,6 +184,12 @@ def filter_padded_window(x: torch.Tensor, pad_before: int, rows: int, pad_after:
     pad_before, rows, pad_after : int, samples
     sos : (n_sections, 6) float64
         Band-pass of one pass (:func:`design_bandpass`).
+    spectrum : (fft_samples // 2 + 1, num_channels) complex64 tensor, optional
+        Work space for the spectrum, overwritten.
+    out : (fft_samples, num_channels) float32 tensor, optional
+        Where to write the result (may not be ``x``). Reusing both buffers
+        across chunks saves a third of the filter's time on the CPU (fresh
+        ~20 MB tensors are paged in on every chunk).
 
     Returns
     -------
@@ -193,9 +199,9 @@ def filter_padded_window(x: torch.Tensor, pad_before: int, rows: int, pad_after:
     fft_samples = x.shape[0]
     _odd_reflect_pad(x, pad_before, pad_before + rows, pad_before, pad_after)
     x[pad_before + rows + pad_after:].zero_()
-    spectrum = torch.fft.rfft(x, dim=0)
+    spectrum = torch.fft.rfft(x, dim=0, out=spectrum)
     spectrum.mul_(bandpass_gain(sos, fft_samples, x.device)[:, None])
-    return torch.fft.irfft(spectrum, n=fft_samples, dim=0)
+    return torch.fft.irfft(spectrum, n=fft_samples, dim=0, out=out)
 
 
 def zero_phase_filter(traces: np.ndarray | torch.Tensor, sos: np.ndarray, *, margin_samples: int | None = None,

@@ -75,13 +75,13 @@ MAD_TO_STD = 0.6744897501960817  # MAD of a standard normal distribution
 
 
 def noise_mad(binary_path: str | Path, num_channels: int, *, chunk_samples: int, num_chunks: int = 20,
-              seed: int = 0, device: torch.device | str = "cpu") -> np.ndarray:
-    """Per-channel noise level, ``MAD / 0.6745``, from sampled chunks of a float32 binary.
+              seed: int = 0, device: torch.device | str = "cpu", binary_dtype: str = "float32") -> np.ndarray:
+    """Per-channel noise level, ``MAD / 0.6745``, from sampled chunks of a raw binary.
 
     Parameters
     ----------
     binary_path : path
-        (num_samples, num_channels) float32 C-order raw binary.
+        (num_samples, num_channels) C-order raw binary of ``binary_dtype`` ("float32" or "float16").
     num_channels : int
     chunk_samples : int
         Samples per sampled chunk.
@@ -97,7 +97,7 @@ def noise_mad(binary_path: str | Path, num_channels: int, *, chunk_samples: int,
         standard deviation (memory of one chunk; medians as ``np.median``).
     """
     device = torch.device(device)
-    source = open_binary(binary_path, num_channels)
+    source = open_binary(binary_path, num_channels, dtype=binary_dtype)
     ranges = sample_chunk_ranges(source.num_samples, chunk_samples, num_chunks, seed)
     if len(ranges) == 0:
         raise BadInputError("cannot estimate noise of an empty binary", path=binary_path)
@@ -285,13 +285,15 @@ def detect_peaks(traces: np.ndarray | torch.Tensor, channel_positions_um: np.nda
 def iter_peaks(binary_path: str | Path, num_channels: int, channel_positions_um: np.ndarray,
                sampling_rate_hz: float, params: PeakParams, *, whitening_inverse: np.ndarray | None = None,
                noise_levels: np.ndarray | None = None, chunk_samples: int | None = None,
-               seed: int = 0, device: torch.device | str = "cpu") -> Iterator[dict[str, np.ndarray]]:
-    """Detect and localize peaks over a preprocessed float32 binary, one chunk at a time.
+               seed: int = 0, device: torch.device | str = "cpu",
+               binary_dtype: str = "float32") -> Iterator[dict[str, np.ndarray]]:
+    """Detect and localize peaks over a preprocessed raw binary, one chunk at a time.
 
     Parameters
     ----------
     binary_path : path
-        (num_samples, num_channels) float32 C-order raw binary (memory-mapped).
+        (num_samples, num_channels) C-order raw binary of ``binary_dtype``
+        ("float32" or "float16", ``PreprocessResult.dtype``), read with explicit reads.
     num_channels : int
     channel_positions_um : (num_channels, 2+) float, µm
     sampling_rate_hz : float
@@ -311,6 +313,7 @@ def iter_peaks(binary_path: str | Path, num_channels: int, channel_positions_um:
     seed : int
     device : torch.device or str
         Where the kernels run; resolve ``"auto"`` before calling.
+    binary_dtype : {"float32", "float16"}
 
     Yields
     ------
@@ -320,7 +323,7 @@ def iter_peaks(binary_path: str | Path, num_channels: int, channel_positions_um:
     """
     device = torch.device(device)
     chunk_samples = int(chunk_samples or max(int(round(sampling_rate_hz)), 1))
-    source = open_binary(binary_path, num_channels, sampling_rate_hz)
+    source = open_binary(binary_path, num_channels, sampling_rate_hz, dtype=binary_dtype)
     positions = np.asarray(channel_positions_um, dtype=np.float64)
     if positions.shape[0] != num_channels or positions.ndim != 2 or positions.shape[1] < 2:
         raise BadInputError(f"channel_positions_um has shape {positions.shape}, expected ({num_channels}, 2)",
@@ -329,7 +332,8 @@ def iter_peaks(binary_path: str | Path, num_channels: int, channel_positions_um:
         # An odd window: each median is then one order statistic (one kthvalue, not three passes).
         noise_window = max(int(round(params.noise_sample_duration_s * sampling_rate_hz)), 1) | 1
         noise_levels = noise_mad(binary_path, num_channels, chunk_samples=noise_window,
-                                 num_chunks=params.noise_sample_chunks, seed=seed, device=device)
+                                 num_chunks=params.noise_sample_chunks, seed=seed, device=device,
+                                 binary_dtype=binary_dtype)
     detection = DetectionTables.build(positions, sampling_rate_hz, params, noise_levels, device)
     localization = LocalizationTables.build(positions, params.localization_radius_um, whitening_inverse, device)
     margin = 2 * detection.half + 1

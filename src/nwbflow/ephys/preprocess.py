@@ -42,21 +42,16 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import queue
-import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nwbflow.device import OomBackoff, is_out_of_memory
-from nwbflow.ephys.chunks import (BackgroundWriter, ProgressFn, TraceSource, Window, WindowPrefetcher,
-                                  chunk_ranges, read_window, sample_chunk_ranges)
+from nwbflow.device import OomBackoff
+from nwbflow.ephys.chunk_stream import refuse_non_finite, stream_to_binary
+from nwbflow.ephys.chunks import ProgressFn, TraceSource, Window, WindowPrefetcher, sample_chunk_ranges
 from nwbflow.ephys.filtering import (DEFAULT_MARGIN_TOLERANCE, bandpass_gain, design_bandpass, fft_length,
                                      filter_margin_samples, filter_padded_window, host_tensor, zero_phase_filter)
 from nwbflow.ephys.whitening import local_whitening_matrix, whitening_matrix
@@ -82,7 +77,7 @@ class PreprocessResult:
     Attributes
     ----------
     out_path : Path
-        The (num_samples, num_channels) float32 C-order raw binary.
+        The (num_samples, num_channels) C-order raw binary, values stored as ``dtype``.
     num_samples, num_channels : int
     sampling_rate_hz : float
     whitening : (num_channels, num_channels) float64 or None
@@ -98,8 +93,9 @@ class PreprocessResult:
         Samples of context read on each side of every chunk.
     device : str
         Where the kernel ran, e.g. ``"cpu"`` or ``"cuda:0"``.
-    dtype : str
-        Always ``"float32"``.
+    dtype : {"float16", "float32"}
+        How the binary stores values (``PreprocessParams.output_dtype``);
+        read it with ``open_binary(out_path, num_channels, dtype=dtype)``.
     """
 
     out_path: Path
@@ -129,15 +125,40 @@ def median_across_channels(traces: torch.Tensor, *, scratch: torch.Tensor | None
     Returns
     -------
     median : (num_samples,) same dtype and device as ``traces``
-        ``np.median(traces, axis=1)``: for an even channel count the mean of
-        the two middle values. ``torch.median`` selects the lower one; the
-        upper one is the smallest value above it (found as the largest
-        ``1 / (x - lower)``), or the lower one again when more than half of
-        the row is at or below it: one selection and a few in-place passes.
-        Measured on 30 000 x 384 float32, one CPU thread: this 159 ms,
-        ``torch.median`` alone (lower value only) 139, two ``torch.median``
-        291, two ``torch.kthvalue`` 417, ``torch.quantile`` 484,
-        ``torch.sort`` 495 (``np.median`` 120-126).
+        ``np.median(traces, axis=1)`` exactly: for an even channel count the
+        mean of the two middle values. On the CPU (:func:`_median_by_partition`)
+        one in-place selection per row; on other devices ``torch.median``
+        (:func:`_median_by_torch`).
+    """
+    if traces.device.type == "cpu":
+        return _median_by_partition(traces, scratch)
+    return _median_by_torch(traces, scratch)
+
+
+def _median_by_partition(traces: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+    """CPU median: partition each row of a copy about its middle (introselect), then the lower half's maximum.
+
+    Measured on 30 000 x 384 float32 on one CPU thread: 19 ms, against 120 ms
+    for ``np.median`` (which selects both middle ranks at once) and 150 ms for
+    ``torch.median``. numpy releases the GIL, so concurrent streams scale.
+    """
+    num_channels = traces.shape[1]
+    work = traces.clone(memory_format=torch.contiguous_format) if scratch is None else scratch.copy_(traces)
+    rows = work.numpy()
+    middle = num_channels // 2
+    rows.partition(middle, axis=1)  # rows[:, middle] is the value of rank `middle`, larger ones to its right
+    if num_channels % 2:
+        return torch.from_numpy(rows[:, middle].copy())
+    lower = rows[:, :middle].max(axis=1)
+    return torch.from_numpy(0.5 * (lower + rows[:, middle]))
+
+
+def _median_by_torch(traces: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+    """Device median: ``torch.median`` gives the lower middle value; the upper one is found without a sort.
+
+    The upper middle value is the smallest value above the lower one (the
+    largest ``1 / (x - lower)``), or the lower one again when more than half
+    of the row is at or below it: one selection and a few in-place passes.
     """
     lower = torch.median(traces, dim=1).values
     num_channels = traces.shape[1]
@@ -166,20 +187,17 @@ class _ChunkKernel:
         self.common_reference = common_reference
         self.offsets = None if offsets_uv is None else self._constant(offsets_uv)
         self.whitening_t = None if whitening is None else self._constant(np.asarray(whitening).T).contiguous()
-        self._workspace: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._workspace: _Workspace | None = None
 
     def _constant(self, array) -> torch.Tensor:
         return torch.as_tensor(np.asarray(array), dtype=torch.float32, device=self.device)
 
-    def _buffers(self, fft_samples: int, num_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The padded window and a median scratch, (fft_samples, num_channels) float32, kept for the next chunk."""
-        if self._workspace is None or self._workspace[0] != fft_samples or self._workspace[1].shape[1] != num_channels:
+    def _buffers(self, fft_samples: int, num_channels: int) -> _Workspace:
+        """The work buffers for windows of one FFT length, kept for the next chunk."""
+        if self._workspace is None or not self._workspace.fits(fft_samples, num_channels):
             self._workspace = None  # let the old buffers go first
-            shape = (fft_samples, num_channels)
-            self._workspace = (fft_samples, torch.empty(shape, dtype=torch.float32, device=self.device),
-                               torch.empty(shape, dtype=torch.float32, device=self.device)
-                               if self.common_reference else None)
-        return self._workspace[1], self._workspace[2]
+            self._workspace = _Workspace.allocate(fft_samples, num_channels, self.device, self.common_reference)
+        return self._workspace
 
     def fresh_copy(self) -> _ChunkKernel:
         """The same constants (shared), its own work buffers: one per concurrent stream."""
@@ -187,28 +205,59 @@ class _ChunkKernel:
         twin._workspace = None
         return twin
 
-    def __call__(self, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
-        """Preprocess one window; returns (core (n, C) float32 on the device, 0-d bool: input all finite)."""
+    def __call__(self, window: Window, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocess one window; returns (core (n, C) float32 on the device, 0-d bool: input all finite).
+
+        ``out``, a (n, C) float32 tensor on the device, receives the core when
+        given; otherwise the core is a view of this kernel's work buffers,
+        valid until its next call.
+        """
         if max(window.context_before, window.context_after) > self.margin:  # more context than needed
             cut_before = max(window.context_before - self.margin, 0)
             cut_after = max(window.context_after - self.margin, 0)
             window = Window(window.traces[cut_before:len(window.traces) - cut_after],
-                            window.context_before - cut_before, window.context_after - cut_after)
+                            window.context_before - cut_before, window.context_after - cut_after,
+                            window.first_sample + cut_before)
         rows, num_channels = window.traces.shape
         pad_before, pad_after = self.margin - window.context_before, self.margin - window.context_after
-        x, scratch = self._buffers(fft_length(pad_before + rows + pad_after), num_channels)
-        data = x[pad_before:pad_before + rows]
+        work = self._buffers(fft_length(pad_before + rows + pad_after), num_channels)
+        data = work.window[pad_before:pad_before + rows]
         data.copy_(host_tensor(window.traces))  # host -> device, and to float32, in one copy
         finite = torch.isfinite(data.sum())  # no sync: read by the caller after its own
         if self.offsets is not None:
             data.sub_(self.offsets)
         if self.common_reference:
-            data.sub_(median_across_channels(data, scratch=scratch[:rows])[:, None])
-        filtered = filter_padded_window(x, pad_before, rows, pad_after, self.sos)
+            data.sub_(median_across_channels(data, scratch=work.scratch[:rows])[:, None])
+        filtered = filter_padded_window(work.window, pad_before, rows, pad_after, self.sos,
+                                        spectrum=work.spectrum, out=work.filtered)
         core = filtered[self.margin:self.margin + rows - window.context_before - window.context_after]
         if self.whitening_t is not None:
-            core = core @ self.whitening_t
-        return core, finite
+            return torch.matmul(core, self.whitening_t, out=work.whitened[:len(core)] if out is None else out), finite
+        return (core if out is None else out.copy_(core)), finite
+
+
+@dataclass(frozen=True, eq=False)
+class _Workspace:
+    """One stream's buffers: padded window, median scratch, spectrum, filtered and whitened window (on the device)."""
+
+    window: torch.Tensor
+    scratch: torch.Tensor | None
+    spectrum: torch.Tensor
+    filtered: torch.Tensor
+    whitened: torch.Tensor
+
+    @classmethod
+    def allocate(cls, fft_samples: int, num_channels: int, device: torch.device,
+                 common_reference: bool) -> _Workspace:
+        def empty(rows: int, dtype=torch.float32) -> torch.Tensor:
+            return torch.empty((rows, num_channels), dtype=dtype, device=device)
+
+        return cls(window=empty(fft_samples), scratch=empty(fft_samples) if common_reference else None,
+                   spectrum=empty(fft_samples // 2 + 1, torch.complex64), filtered=empty(fft_samples),
+                   whitened=empty(fft_samples))
+
+    def fits(self, fft_samples: int, num_channels: int) -> bool:
+        return self.window.shape == (fft_samples, num_channels)
 
 
 def preprocess_chunk(traces_uv: np.ndarray | torch.Tensor, sos: np.ndarray, margin_samples: int, *,
@@ -254,23 +303,6 @@ def preprocess_chunk(traces_uv: np.ndarray | torch.Tensor, sos: np.ndarray, marg
 # ------------------------------------------------------------------------------------------- estimation
 
 
-def _check_finite(traces: np.ndarray, first_sample: int) -> None:
-    """Raise BadInputError naming the sample range when a raw window holds NaN/Inf."""
-    finite = np.isfinite(traces)
-    if finite.all():
-        return
-    row, channel = np.argwhere(~finite)[0]
-    raise BadInputError(f"raw traces hold NaN/Inf in samples [{first_sample}, {first_sample + len(traces)}) "
-                        f"(first at sample {first_sample + int(row)}, channel index {int(channel)})",
-                        fix="repair or exclude that segment of the recording before processing")
-
-
-def _refuse_non_finite(finite: torch.Tensor, window: Window, start: int) -> None:
-    """After the caller's sync: when the device flagged the window, find and name the bad sample on the host."""
-    if not bool(finite):
-        _check_finite(np.asarray(window.traces), start - window.context_before)
-
-
 def estimate_offsets(source: TraceSource, ranges: np.ndarray, *, device: torch.device | str = "cpu") -> np.ndarray:
     """Per-channel offsets: the median over chunks of each chunk's per-channel median.
 
@@ -294,7 +326,7 @@ def estimate_offsets(source: TraceSource, ranges: np.ndarray, *, device: torch.d
     def step(start: int, end: int) -> None:
         window = reader.read(start, end)
         data = host_tensor(window.traces).to(device, torch.float32)
-        _refuse_non_finite(torch.isfinite(data.sum()), window, start)
+        refuse_non_finite(torch.isfinite(data.sum()), window, start)
         medians.append(median_across_channels(data.T))
 
     with WindowPrefetcher(source, 0, plan=ranges) as reader:
@@ -331,7 +363,7 @@ def estimate_covariance(source: TraceSource, ranges: np.ndarray, sos: np.ndarray
         nonlocal count
         window = reader.read(start, end)
         core, finite = kernel(window)
-        _refuse_non_finite(finite, window, start)
+        refuse_non_finite(finite, window, start)
         cov.add_((core.T @ core).to(torch.float64))
         count += core.shape[0]
 
@@ -352,7 +384,7 @@ def _whole_ranges(ranges: np.ndarray, device: torch.device | str) -> OomBackoff:
 def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path: str | Path, *,
                          seed: int = 0, progress: ProgressFn | None = None, device: torch.device | str = "cpu",
                          channel_positions_um: np.ndarray | None = None) -> PreprocessResult:
-    """Stream a recording through :func:`preprocess_chunk` into a float32 raw binary.
+    """Stream a recording through :func:`preprocess_chunk` into a float16 or float32 raw binary.
 
     Parameters
     ----------
@@ -360,7 +392,8 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
         Raw traces in µV.
     params : PreprocessParams
     out_path : path
-        Written as (num_samples, num_channels) float32 C-order, atomically
+        Written as (num_samples, num_channels) C-order values of
+        ``params.output_dtype`` (computed in float32), atomically
         (a ``.partial`` file renamed into place once complete and synced).
     seed : int
         Seed of the choice of chunks sampled for offsets and whitening.
@@ -417,7 +450,7 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
                           whitening=whitening)
     out_path = Path(out_path)
     streams = torch.get_num_threads() if device.type == "cpu" else 1
-    _stream_chunks(source, out_path, kernel, backoff, progress, streams=streams)
+    stream_to_binary(source, out_path, kernel, backoff, progress, streams=streams, dtype=params.output_dtype)
     elapsed = time.perf_counter() - started
     log.info("preprocessed %d samples x %d channels (%.1f s of recording) on %s in %.2f s "
              "(%.2f s of recording per s), margin %d samples, chunk %d samples", source.num_samples,
@@ -426,7 +459,7 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
     return PreprocessResult(out_path=out_path, num_samples=int(source.num_samples),
                             num_channels=int(source.num_channels), sampling_rate_hz=fs, whitening=whitening,
                             whitening_inverse=whitening_inverse, offsets_uv=offsets, margin_samples=margin,
-                            device=str(device))
+                            device=str(device), dtype=params.output_dtype)
 
 
 def _streaming_chunk_samples(nominal: int, margin: int, num_channels: int, device: torch.device) -> int:
@@ -460,92 +493,3 @@ def _positions_for(source: TraceSource, params: PreprocessParams, given: np.ndar
         raise BadInputError(f"channel_positions_um must be finite ({source.num_channels}, 2) µm, "
                             f"got shape {positions.shape}")
     return positions
-
-
-def _stream_chunks(source: TraceSource, out_path: Path, kernel: _ChunkKernel, backoff: OomBackoff,
-                   progress: ProgressFn | None, *, streams: int = 1) -> None:
-    """Write every chunk's preprocessed core in order to ``out_path`` via a synced temporary file.
-
-    One stream (any device): while chunk ``k`` is computed, chunk ``k - 1`` is
-    written and chunk ``k + 1`` read by background threads; a chunk that fails
-    (out of memory) is never handed to the writer. Several streams (CPU):
-    chunks are computed concurrently, one torch thread each (torch's intra-op
-    threads scale poorly on these small ops), and written strictly in order.
-    """
-    partial = out_path.with_name(out_path.name + ".partial")
-
-    def step(start: int, end: int) -> None:
-        window = reader.read(start, end)
-        core, finite = kernel(window)
-        host = core.cpu()  # the one sync per chunk
-        _refuse_non_finite(finite, window, start)
-        writer.write(np.ascontiguousarray(host.numpy(), dtype="<f4"))
-        if progress is not None:
-            progress(int(end), source.num_samples)
-
-    try:
-        with open(partial, "wb", buffering=0) as handle:
-            written = 0
-            if streams > 1:
-                written = _write_concurrently(source, handle, kernel, backoff.chunk_samples, progress, streams)
-            if written < source.num_samples:  # one stream, or the rest after an out-of-memory error
-                with WindowPrefetcher(source, kernel.margin) as reader, BackgroundWriter(handle) as writer:
-                    backoff.run(step, written, source.num_samples)
-            os.fsync(handle.fileno())
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, out_path)
-
-
-def _write_concurrently(source: TraceSource, handle, kernel: _ChunkKernel, chunk_samples: int,
-                        progress: ProgressFn | None, streams: int) -> int:
-    """Compute chunks on ``streams`` threads (a kernel each, reads serialized), write them in order.
-
-    At most ``streams + 1`` chunks are in flight, so memory stays bounded by
-    the chunk. torch's thread count is set to 1 for the duration and restored.
-    Returns the samples written: all of them, or, after an out-of-memory
-    error, those before the failed chunk (the caller goes on from there).
-    """
-    kernels: queue.SimpleQueue = queue.SimpleQueue()
-    for _ in range(streams):
-        kernels.put(kernel.fresh_copy())
-    read_lock = threading.Lock()
-
-    def compute(start: int, end: int) -> np.ndarray:
-        own = kernels.get()
-        try:
-            with read_lock:
-                window = read_window(source, start, end, own.margin)
-            core, finite = own(window)
-            _refuse_non_finite(finite, window, start)
-            return np.array(core.numpy(), dtype="<f4", copy=True)
-        finally:
-            kernels.put(own)
-
-    threads, written = torch.get_num_threads(), 0
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=streams) as pool:
-            pending: deque = deque()
-            for start, end in chunk_ranges(source.num_samples, chunk_samples):
-                pending.append((int(end), pool.submit(compute, int(start), int(end))))
-                while len(pending) > streams or (pending and end == source.num_samples):
-                    written = _write_next(pending, handle, progress, source.num_samples)
-    except BaseException as exc:
-        if not is_out_of_memory(exc):
-            raise
-        log.warning("out of memory with %d concurrent chunks of %d samples; going on one at a time from "
-                    "sample %d", streams, chunk_samples, written)
-    finally:
-        torch.set_num_threads(threads)
-    return written
-
-
-def _write_next(pending: deque, handle, progress: ProgressFn | None, total: int) -> int:
-    """Write the oldest pending chunk; returns the sample its core ends at."""
-    end, future = pending.popleft()
-    future.result().tofile(handle)
-    if progress is not None:
-        progress(end, total)
-    return end

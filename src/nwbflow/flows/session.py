@@ -11,6 +11,7 @@ from nwbflow.device import resolve_device
 from nwbflow.params import SessionParams
 from nwbflow.tasks.caching import is_complete, stage_dir
 from nwbflow.tasks.ephys import peaks_key, peaks_task, preprocess_key, preprocess_task
+from nwbflow.tasks.motion import motion_key, motion_task
 from nwbflow.tasks.plan import plan_session
 from nwbflow.tasks.report import publish_report
 from nwbflow.tasks.writeback import write_back_task
@@ -61,6 +62,10 @@ def process_session(nwb_path: str, out_path: str, params: SessionParams = Sessio
         done["peaks"] = _cached_unless_missing(peaks_task, plan, "peaks", key)(
             plan, done["preprocess"], params.peaks, params.preprocess.chunk_duration_s, device=params.device,
             timeout_s=timeout_s)
+    if "motion" in plan.stages:
+        key = motion_key(plan, done["peaks"], params.motion, seed=0)
+        done["motion"] = _cached_unless_missing(motion_task, plan, "motion", key)(
+            plan, done["preprocess"], done["peaks"], params.motion, device=params.device, timeout_s=timeout_s)
     outcomes = list(done.values())
     written = write_back_task(plan, out_path, outcomes, params)
     summary = {"input": plan.nwb_path, "output": written["path"], "workdir": plan.workdir,

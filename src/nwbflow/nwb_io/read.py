@@ -368,6 +368,11 @@ class EphysSeries:
         return self._clock.timestamps is not None
 
     @property
+    def timestamps_s(self):
+        """The timestamps dataset (s; 1-D, sliceable, read lazily while the session is open), or None."""
+        return self._clock.timestamps
+
+    @property
     def dtype(self) -> np.dtype:
         """The stored dtype of ``data`` (e.g. int16)."""
         return self._data.dtype

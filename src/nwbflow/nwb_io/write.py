@@ -25,7 +25,7 @@ from pynwb.event import EventsTable, TimestampVectorData
 from nwbflow import __version__
 from nwbflow.atomic import atomic_path
 from nwbflow.errors import BadInputError, NwbflowError
-from nwbflow.extensions import NAMESPACE, ProvenanceTable
+from nwbflow.extensions import NAMESPACE, MotionEstimate, ProvenanceTable
 from nwbflow.nwb_io import layout
 from nwbflow.nwb_io.provenance import ProvenanceRecord
 
@@ -47,11 +47,29 @@ class PeaksForNwb:
 
 
 @dataclass(frozen=True)
+class MotionForNwb:
+    """A motion estimate to write as ``processing/ecephys/motion`` (ndx-nwbflow MotionEstimate).
+
+    ``npz_path`` holds ``time_bins_s`` (T,), ``depth_bins_um`` (D,) and
+    ``displacement_um`` (T, D) (observed depth = rest depth + displacement);
+    ``electrical_series`` is the object path of the series it was estimated
+    from (linked from the estimate); ``parameters_json`` the resolved parameters.
+    """
+
+    npz_path: Path
+    electrical_series: str
+    method: str
+    parameters_json: str
+    description: str
+
+
+@dataclass(frozen=True)
 class SessionResults:
     """Everything one run adds to the processed file."""
 
     provenance: tuple[ProvenanceRecord, ...]
     peaks: PeaksForNwb | None = None
+    motion: MotionForNwb | None = None
     extra_was_generated_by: tuple[tuple[str, str], ...] = field(default=())
 
 
@@ -89,6 +107,8 @@ def _export(input_path: Path, tmp_path: Path, results: SessionResults) -> None:
         _add_provenance(nwbfile, results.provenance, input_path)
         if results.peaks is not None:
             _add_peaks(nwbfile, results.peaks, input_path)
+        if results.motion is not None:
+            _add_motion(nwbfile, results.motion, input_path)
         _mark_generated_by(nwbfile, results.extra_was_generated_by)
         nwbfile.generate_new_id()
         # NWBFile.identifier has no setter; an exported asset needs its own identifier.
@@ -147,6 +167,39 @@ def _add_peaks(nwbfile: pynwb.NWBFile, peaks: PeaksForNwb, input_path: Path) -> 
         ],
     )
     module.add(table)
+
+
+def _add_motion(nwbfile: pynwb.NWBFile, motion: MotionForNwb, input_path: Path) -> None:
+    module = _module(nwbfile, layout.ECEPHYS_MODULE, layout.ECEPHYS_MODULE_DESCRIPTION)
+    _refuse_existing(module, layout.MOTION, input_path)
+    with np.load(motion.npz_path) as arrays:
+        estimate = MotionEstimate(
+            name=layout.MOTION, displacement=arrays["displacement_um"].astype(np.float32),
+            time_bin_centers=arrays["time_bins_s"].astype(np.float64),
+            depth_bin_centers=arrays["depth_bins_um"].astype(np.float64),
+            method=motion.method, parameters=motion.parameters_json, direction="y",
+            description=motion.description,
+            source_electrical_series=_object_at(nwbfile, motion.electrical_series, input_path))
+    module.add(estimate)
+
+
+def _object_at(nwbfile: pynwb.NWBFile, object_path: str, input_path: Path):
+    """The container at an in-file path, e.g. ``acquisition/ElectricalSeries`` or ``processing/ecephys/LFP/X``.
+
+    Containers know their name and parent, not their group path: the path's
+    names after its top group are matched against each container's chain of
+    names up to the file.
+    """
+    wanted = object_path.strip("/").split("/")[1:]
+    for candidate in nwbfile.objects.values():
+        chain, node = [], candidate
+        while node is not None and node is not nwbfile:
+            chain.append(node.name)
+            node = node.parent
+        if chain[::-1] == wanted:
+            return candidate
+    raise BadInputError("the series the results were computed from is not in the file", path=input_path,
+                        obj=object_path)
 
 
 def _mark_generated_by(nwbfile: pynwb.NWBFile, extra: tuple[tuple[str, str], ...]) -> None:

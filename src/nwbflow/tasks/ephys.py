@@ -49,7 +49,7 @@ def peaks_key(plan: SessionPlan, preprocessed: StageOutcome, params: PeakParams)
       cache_key_fn=lambda _ctx, p: preprocess_key(p["plan"], p["params"]))
 def preprocess_task(plan: SessionPlan, params: PreprocessParams, device: str = "auto",
                     timeout_s: float | None = None) -> StageOutcome:
-    """Offset, median CAR, zero-phase band-pass, whitening -> float32 scratch binary."""
+    """Offset, median CAR, zero-phase band-pass, whitening -> float16/float32 scratch binary."""
     started, clock = utc_now(), time.perf_counter()
     key = preprocess_key(plan, params)
     out_dir = stage_dir(plan.workdir, "preprocess", key)
@@ -64,7 +64,7 @@ def preprocess_task(plan: SessionPlan, params: PreprocessParams, device: str = "
         finally:
             progress.close()
         meta = {"num_samples": result.num_samples, "num_channels": result.num_channels,
-                "sampling_rate_hz": series.sampling_rate_hz, "dtype": "float32",
+                "sampling_rate_hz": series.sampling_rate_hz, "dtype": result.dtype,
                 "channel_positions_um": series.channel_positions_um.tolist(),
                 "positions_are_fallback": bool(series.positions_are_fallback),
                 "margin_samples": result.margin_samples, "source": plan.ephys.as_dict()}
@@ -105,7 +105,7 @@ def peaks_task(plan: SessionPlan, preprocessed: StageOutcome, params: PeakParams
             batches = iter_peaks(Path(preprocessed.artifacts["preprocessed"]), meta["num_channels"],
                                  np.asarray(meta["channel_positions_um"]), rate_hz, params,
                                  whitening_inverse=whitening_inverse, chunk_samples=chunk_samples,
-                                 device=torch_device)
+                                 device=torch_device, binary_dtype=meta["dtype"])
             for index, batch in enumerate(batches):
                 batch["time_s"] = series.sample_times_s(batch["sample_index"])
                 writer.write_table(pa.Table.from_pydict(batch, schema=PEAK_SCHEMA))

@@ -16,9 +16,9 @@ from nwbflow.tasks.provenance import SeriesInput
 log = logging.getLogger(__name__)
 
 #: Stages built so far, with the data they need ("ephys" or "ophys").
-BUILT_STAGES: dict[str, str] = {"preprocess": "ephys", "peaks": "ephys"}
+BUILT_STAGES: dict[str, str] = {"preprocess": "ephys", "peaks": "ephys", "motion": "ephys"}
 #: Stages a stage cannot run without (their artifacts feed it).
-STAGE_NEEDS: dict[str, tuple[str, ...]] = {"peaks": ("preprocess",)}
+STAGE_NEEDS: dict[str, tuple[str, ...]] = {"peaks": ("preprocess",), "motion": ("peaks", "preprocess")}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,10 @@
+"""Motion (probe drift): MEDiCINe estimation from peaks, and correction of the traces.
+
+:class:`Motion` is the estimate (SpikeInterface's convention: observed depth =
+rest depth + displacement); :func:`estimate_motion` fits it to peaks.
+"""
+
+from nwbflow.ephys.motion.displacement import Motion
+from nwbflow.ephys.motion.medicine import MotionFit, estimate_motion
+
+__all__ = ["Motion", "MotionFit", "estimate_motion"]
