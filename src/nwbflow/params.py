@@ -94,8 +94,9 @@ class MotionParams(_Params):
     time_bin_s: float = Field(1.0, gt=0, le=60, description="Motion time resolution (s).")
     num_depth_bins: int = Field(2, ge=1, le=64,
                                 description="Depth levels of the motion (1: rigid); interpolated linearly between.")
-    time_kernel_width_s: float = Field(30.0, ge=0, le=3600,
-                                       description="Width of the triangular smoothing kernel over time (s).")
+    time_kernel_width_s: float = Field(
+        10.0, ge=0, le=3600, description="Width of the triangular smoothing kernel over time (s); the paper: 30 "
+                                         "(which blurs step-like drift: benchmarks/RESULTS.md).")
     motion_bound_um: float = Field(800.0, gt=0, le=20000,
                                    description="Bound on the peak-to-peak motion (µm); the motion is b*tanh(M).")
     time_interpolation: Literal["linear", "bin"] = Field(
@@ -113,10 +114,10 @@ class MotionParams(_Params):
         0.1, ge=0, le=1, description="Std of the Gaussian noise added to the motion at step 0 (normalized depth).")
     motion_noise_steps: int = Field(2000, ge=1, description="Steps over which that noise decays linearly to 0.")
     average_steps: int = Field(
-        500, ge=0, description="Once the motion noise is gone, report the motion averaged over about this many "
+        200, ge=0, description="Once the motion noise is gone, report the motion averaged over about this many "
                                "steps (exponential average); 0: the last step's motion (the paper).")
     early_stop_tolerance_um: float = Field(
-        0.1, ge=0, description="Stop once the averaged motion moved less than this (µm, mean over bins) between "
+        0.05, ge=0, description="Stop once the averaged motion moved less than this (µm, mean over bins) between "
                                "two checks 250 steps apart; 0: run every step (the paper).")
     write_corrected_traces: bool = Field(
         True, description="Also write the motion-corrected preprocessed traces (the sorter's input).")
@@ -134,7 +135,7 @@ class MotionParams(_Params):
         """The MEDiCINe paper's / reference package's settings: 256-wide network, motion constant over a
         time bin, the last step's motion, every step run."""
         return cls(**{"time_interpolation": "bin", "hidden_features": (256, 256), "average_steps": 0,
-                      "early_stop_tolerance_um": 0.0, **overrides})
+                      "early_stop_tolerance_um": 0.0, "time_kernel_width_s": 30.0, **overrides})
 
 
 class SessionParams(_Params):

@@ -1,8 +1,9 @@
 """A motion estimate: displacement over time bins x depth bins, SpikeInterface's ``Motion`` convention.
 
-Sign: the depth at which a source is *observed* at time ``t`` is its rest
-depth plus the displacement, ``observed_um = rest_um + displacement(t, rest_um)``
-(SpikeInterface's ``Motion``; correction subtracts it). Between bin centres
+Sign: a source is *observed* at its rest depth plus the displacement, and the
+displacement is read at the observed depth (as SpikeInterface's ``Motion``,
+MEDiCINe and DREDge do): a peak seen at depth ``z`` at time ``t`` rests at
+``z - displacement(t, z)``. Between bin centres
 the displacement is interpolated linearly in time and depth and held
 constant beyond the first/last centre.
 
