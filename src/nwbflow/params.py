@@ -107,7 +107,8 @@ class MotionParams(_Params):
         (128, 128), min_length=1, max_length=4,
         description="Hidden layer widths of the activity network (the paper: 256, 256).")
     batch_size: int = Field(4096, ge=64, le=1 << 20, description="Real peaks per step (as many negatives).")
-    training_steps: int = Field(10_000, ge=1, le=1_000_000, description="Optimizer steps (at most).")
+    training_steps: int = Field(4000, ge=1, le=1_000_000,
+                                description="Optimizer steps (at most); the paper: 10 000.")
     learning_rate: float = Field(5e-4, gt=0, le=1, description="Adam learning rate.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping.")
     initial_motion_noise: float = Field(
@@ -132,10 +133,11 @@ class MotionParams(_Params):
 
     @classmethod
     def paper(cls, **overrides) -> MotionParams:
-        """The MEDiCINe paper's / reference package's settings: 256-wide network, motion constant over a
-        time bin, the last step's motion, every step run."""
+        """The MEDiCINe paper's / reference package's settings: 256-wide network, 30 s kernel, motion
+        constant over a time bin, the last step's motion, all 10 000 steps run."""
         return cls(**{"time_interpolation": "bin", "hidden_features": (256, 256), "average_steps": 0,
-                      "early_stop_tolerance_um": 0.0, "time_kernel_width_s": 30.0, **overrides})
+                      "early_stop_tolerance_um": 0.0, "time_kernel_width_s": 30.0, "training_steps": 10_000,
+                      **overrides})
 
 
 class SessionParams(_Params):
