@@ -62,6 +62,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+from _measure import peak_rss_mb
 
 RATE_HZ = 30_000.0
 SEED = 0
@@ -196,19 +197,6 @@ def check_truth_against_peaks(truth: Truth, peaks: dict, sorting, unit_y_um: np.
 
 
 # ------------------------------------------------------------------------------------------- data
-class RecordingSource:
-    """A SpikeInterface recording as a TraceSource (the generator's traces are µV)."""
-
-    def __init__(self, recording):
-        self._recording = recording
-        self.num_samples = recording.get_num_samples()
-        self.num_channels = recording.get_num_channels()
-        self.sampling_rate_hz = recording.sampling_frequency
-
-    def get_traces(self, start_sample: int, end_sample: int) -> np.ndarray:
-        return self._recording.get_traces(start_frame=start_sample, end_frame=end_sample).astype(np.float32)
-
-
 def make_data(data_dir: Path, duration_s: float, num_channels: int, device: str) -> Path:
     """Generate the drifting recording, our peaks on it and the truth; cache them as one npz (once)."""
     stem = data_stem(data_dir, duration_s, num_channels)
@@ -219,6 +207,7 @@ def make_data(data_dir: Path, duration_s: float, num_channels: int, device: str)
 
     from nwbflow.ephys.peaks import iter_peaks
     from nwbflow.ephys.preprocess import preprocess_to_binary
+    from nwbflow.evaluation import RecordingSource
     from nwbflow.params import PeakParams, PreprocessParams
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -393,14 +382,6 @@ def child(args: argparse.Namespace) -> None:
     np.savez(data_path.with_name(f"{data_path.stem}.{args.child}.{args.device}.estimate.npz"),
              time_bins_s=motion.time_bins_s, depth_bins_um=motion.depth_bins_um, displacement_um=motion.displacement_um)
     print(json.dumps(row))
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM; not inherited from the parent across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 # ----------------------------------------------------------------------------------------- driver

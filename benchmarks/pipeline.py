@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -25,12 +24,9 @@ from nwbflow.nwb_io.provenance import ProvenanceRecord
 from nwbflow.nwb_io.read import open_session
 from nwbflow.nwb_io.write import SessionResults, write_processed
 from nwbflow.params import PeakParams, PreprocessParams
+from _measure import peak_rss_mb
 from nwbflow.report import format_table
 from nwbflow.synth import SynthConfig, write_synthetic_session
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run(duration_s: float, num_channels: int, workdir: Path) -> list[dict]:
@@ -74,13 +70,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(args.duration_s, args.num_channels, Path(tmp))
-    print(f"{args.num_channels} channels x {args.duration_s:.0f} s at 30 kHz, CPU, peak RSS {_peak_rss_mb():.0f} MB")
+    print(f"{args.num_channels} channels x {args.duration_s:.0f} s at 30 kHz, CPU, peak RSS {peak_rss_mb():.0f} MB")
     print(format_table(["stage", "seconds", "x real time"],
                        [[r["stage"], f"{r['seconds']:.2f}", f"{r['x_realtime']:.1f}"] for r in rows]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"duration_s": args.duration_s, "num_channels": args.num_channels,
                                     "machine": platform.processor() or platform.machine(),
-                                    "peak_rss_mb": _peak_rss_mb(), "rows": rows}, indent=2))
+                                    "peak_rss_mb": peak_rss_mb(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _measure import peak_rss_mb
 
 NUM_CHANNELS = 384
 RATE_HZ = 30_000.0
@@ -185,14 +186,6 @@ def child(args: argparse.Namespace) -> None:
                       "device": args.device, "seconds": seconds, "x_realtime": args.duration_s / seconds,
                       "peak_rss_mb": peak_rss_mb(), **extra}))
 
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Unlike ``ru_maxrss``, it is not inherited across exec
-    from the parent (which may have held the generated recording)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 # ------------------------------------------------------------------------------------- driver

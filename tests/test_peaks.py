@@ -12,6 +12,7 @@ import torch
 
 from nwbflow.ephys import peaks as peaks_module
 from nwbflow.ephys.localize import LOCALIZATION_METHODS, monopolar_triangulation
+from nwbflow.evaluation import RecordingSource
 from nwbflow.ephys.peaks import (DetectionTables, detect_peaks, iter_peaks, localize_center_of_mass,
                                  localize_monopolar_triangulation, noise_mad)
 from nwbflow.ephys.preprocess import design_bandpass, preprocess_to_binary
@@ -185,19 +186,6 @@ def test_out_of_memory_halves_the_chunk_and_loses_nothing(tmp_path, device, monk
 
 
 # ---------------------------------------------------------------- ground truth (SpikeInterface generator)
-
-class RecordingSource:
-    """A SpikeInterface recording as a TraceSource (gains are 1: values are µV)."""
-
-    def __init__(self, recording):
-        self._recording = recording
-        self.num_samples = recording.get_num_samples()
-        self.num_channels = recording.get_num_channels()
-        self.sampling_rate_hz = recording.sampling_frequency
-
-    def get_traces(self, start_sample: int, end_sample: int) -> np.ndarray:
-        return self._recording.get_traces(start_frame=start_sample, end_frame=end_sample).astype(np.float32)
-
 
 @pytest.fixture(scope="module")
 def recording_data(tmp_path_factory):

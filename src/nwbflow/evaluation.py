@@ -7,6 +7,22 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class RecordingSource:
+    """A SpikeInterface ground-truth recording as a TraceSource (its generators' traces are µV, gain 1).
+
+    Duck-typed: SpikeInterface is not imported here.
+    """
+
+    def __init__(self, recording):
+        self._recording = recording
+        self.num_samples = recording.get_num_samples()
+        self.num_channels = recording.get_num_channels()
+        self.sampling_rate_hz = recording.sampling_frequency
+
+    def get_traces(self, start_sample: int, end_sample: int) -> np.ndarray:
+        return self._recording.get_traces(start_frame=start_sample, end_frame=end_sample).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class DetectionScore:
     recall: float       # fraction of true events with a detection within tolerance
