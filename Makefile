@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-all bench bench-motion clean
+.PHONY: install demo test test-all bench bench-motion bench-sorting bench-calcium train-calcium clean
 
 install: $(STAMP)
 
@@ -35,6 +35,21 @@ bench: install
 bench-motion: install
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 	$(BIN)/python benchmarks/motion.py
+
+# Spike sorting: ours vs spykingcircus2 / tridesclous2 (hdbscan, from the bench extra), static and drifting truth.
+bench-sorting: install
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	$(BIN)/python benchmarks/sorting.py
+
+# Calcium spike inference: leave-one-dataset-out accuracy + CPU throughput (~30 min on 2 cores). GT_DIR holds
+# GT_autocalibration/ of github.com/PTRRupprecht/Autocalibrated-spike-inference (benchmarks/RESULTS.md).
+GT_DIR ?= data/calcium_gt
+bench-calcium: install
+	$(BIN)/python benchmarks/calcium.py --data-dir $(GT_DIR)
+
+# Retrain the shipped calcium network (src/nwbflow/ophys/weights/nwbflow-cnn-v1.*), ~7 min on 2 cores.
+train-calcium: install
+	$(BIN)/nwbflow train-calcium $(GT_DIR) --steps 16000 --seed 0
 
 clean:
 	rm -rf $(VENV) nwbflow-demo .pytest_cache

@@ -36,7 +36,7 @@ def test_run_end_to_end_exit_0(small_session, tmp_path):
     assert sha256_of(small_session) == before
 
 
-@pytest.mark.parametrize("case", ["missing", "not_hdf5", "unbuilt_stage", "unknown_param", "bad_stage"])
+@pytest.mark.parametrize("case", ["missing", "not_hdf5", "unknown_param", "bad_stage"])
 def test_bad_input_exit_2_one_line_no_traceback(case, small_session, tmp_path):
     args = ["run", str(small_session), "-o", str(tmp_path / "out.nwb")]
     if case == "missing":
@@ -44,8 +44,6 @@ def test_bad_input_exit_2_one_line_no_traceback(case, small_session, tmp_path):
     elif case == "not_hdf5":
         args[1] = str(tmp_path / "text.nwb")
         (tmp_path / "text.nwb").write_text("hello")
-    elif case == "unbuilt_stage":
-        args += ["--stages", "sorting"]
     elif case == "unknown_param":
         (tmp_path / "p.json").write_text('{"peaks": {"threshold": 4}}')
         args += ["--params", str(tmp_path / "p.json")]

@@ -265,9 +265,10 @@ def test_run_created_like_the_ui_run_button_completes_with_provenance(service, s
         nwbfile = io.read()
         rows = read_provenance(nwbfile)
         # This short session has fewer peaks than a motion fit needs: the motion stage is skipped (with a
-        # warning), not failed, and leaves nothing in the file.
+        # warning), not failed, and leaves nothing in the file; sorting then reads the uncorrected traces.
         assert "ecephys" not in nwbfile.processing or "motion" not in nwbfile.processing["ecephys"].data_interfaces
-    assert [r["stage"] for r in rows] == ["preprocess", "peaks"]
+        assert nwbfile.units is not None and len(nwbfile.units) > 0
+    assert [r["stage"] for r in rows] == ["preprocess", "peaks", "sorting"]
     assert "motion stage skipped" in service.logs()
     assert {r["flow_run_id"] for r in rows} == {flow_run_id}
     assert all(r["device"] == "cpu" for r in rows)

@@ -41,7 +41,7 @@ def test_flow_completes_on_the_server_and_leaves_input_unchanged(processed, smal
         assert run.state.is_completed()
         task_runs = client.read_task_runs()
         names = {t.name.split("-")[0] for t in task_runs if t.flow_run_id == flow_run_id}
-    assert {"preprocess", "peaks", "motion", "write"} <= names
+    assert {"preprocess", "peaks", "motion", "sorting", "write"} <= names
 
 
 def test_provenance_rows_name_the_flow_run_inputs_and_outputs(processed, small_session):
@@ -52,11 +52,12 @@ def test_provenance_rows_name_the_flow_run_inputs_and_outputs(processed, small_s
                           "sha256": series.content_hash()}
     with NWBHDF5IO(str(processed["out"]), "r") as io:
         rows = read_provenance(io.read())
-    assert [r["stage"] for r in rows] == ["preprocess", "peaks", "motion"]
+    assert [r["stage"] for r in rows] == ["preprocess", "peaks", "motion", "sorting", "calcium"]  # calcium: the ROIs
     assert {r["flow_run_id"] for r in rows} == {flow_run_id}
-    assert all(r["task_run_id"] for r in rows) and len({r["task_run_id"] for r in rows}) == 3
+    assert all(r["task_run_id"] for r in rows) and len({r["task_run_id"] for r in rows}) == 5
     for row in rows:
-        assert row["inputs"] == [expected_input]
+        if row["stage"] != "calcium":  # calcium reads the RoiResponseSeries (tests/test_calcium.py)
+            assert row["inputs"] == [expected_input]
         assert row["start_time_utc"] <= row["end_time_utc"]
         assert row["device"] == "cpu" and row["software"] == "nwbflow"
     assert rows[0]["parameters"] == PreprocessParams().model_dump(mode="json")
@@ -130,3 +131,41 @@ def test_dandi_validate_passes_once_organized(processed, tmp_path):
     result = subprocess.run([str(dandi), "validate", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "No errors found" in result.stdout + result.stderr
+
+
+def test_sorted_units_are_a_units_table_with_waveforms_and_quality_metrics(processed, small_session):
+    """The units table as DESIGN.md (and NeuroConv) lay it out; units match the ground truth's big units."""
+    from spikeinterface.comparison import compare_sorter_to_ground_truth
+    from spikeinterface.core import NumpySorting
+
+    from nwbflow.ephys.sorting.metrics import METRIC_NAMES
+
+    with open_session(small_session) as session:
+        series = session.select_ephys(None)
+        rate, duration_s, rows = series.sampling_rate_hz, series.num_samples / series.sampling_rate_hz, \
+            series.electrode_indices
+    with NWBHDF5IO(str(processed["out"]), "r") as io:
+        units = io.read().units
+        assert units is not None and len(units) >= 4
+        assert units.resolution == pytest.approx(1.0 / rate)
+        assert units.waveform_unit == "microvolts" and units.waveform_rate == pytest.approx(rate)
+        assert {"unit_name", "electrodes", "waveform_mean", "waveform_sd", *METRIC_NAMES} <= set(units.colnames)
+        frame = units.to_dataframe()
+        means = np.asarray(units["waveform_mean"].data[:])
+        assert means.shape[:2] == (len(units), 61)
+        for index in range(len(units)):
+            electrodes = units["electrodes"][index].index.to_numpy()
+            assert set(electrodes) <= set(rows.tolist()) and len(electrodes) == means.shape[2]
+            # the first electrode is the unit's peak channel: its trough is the deepest
+            assert np.abs(means[index][:, 0]).max() == pytest.approx(np.abs(means[index]).max())
+            times = np.asarray(frame["spike_times"].iloc[index])
+            assert np.all(np.diff(times) >= 0) and 0 <= times.min() and times.max() <= duration_s
+        assert np.all(frame["firing_rate"] > 0) and np.all(frame["snr"] > 3)
+        assert np.all(frame["amplitude_median"] < 0)
+        trains = [np.round(np.asarray(t) * rate).astype(np.int64) for t in frame["spike_times"]]
+    sorting = NumpySorting.from_samples_and_labels(
+        [np.concatenate(trains)], [np.repeat(np.arange(len(trains)), [len(t) for t in trains])], rate)
+    comparison = compare_sorter_to_ground_truth(load_ground_truth(small_session).to_sorting(), sorting,
+                                                exhaustive_gt=True)
+    assert len(comparison.get_well_detected_units(well_detected_score=0.8)) >= 4  # measured: 6 of 8
+    assert Path(str(processed["out"]).replace(".nwb", "_units.png")).stat().st_size > 10_000

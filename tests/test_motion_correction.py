@@ -65,7 +65,7 @@ def test_equals_spikeinterface_interpolate_motion(small, tmp_path, device, metho
     import spikeinterface.core as si
     from spikeinterface.sortingcomponents.motion.motion_interpolation import InterpolateMotionRecording
 
-    params = MotionParams(interpolation=method, correction_radius_um=radius_um)
+    params = MotionParams(interpolation=method, correction_radius_um=radius_um, border="zeros")
     ours = _corrected(small, tmp_path, params, device, chunk_samples=7_001)
     recording = si.NumpyRecording([small["traces"]], sampling_frequency=SMALL_FS_HZ)
     recording.set_dummy_probe_from_locations(small["positions"])
@@ -92,11 +92,15 @@ def test_zero_motion_gives_the_input_back(small, tmp_path, device):
 
 def test_rigid_shift_by_a_pitch_moves_channels_by_one_row(small, tmp_path, device):
     # The tissue moved up by one row (20 µm): channel j now reads the contact one row up (j + 2); the
-    # top row has no data. Kriging weights are exactly the indicator there (a target on a contact).
+    # top row has no data: zeros, or (clamped) the top row again. Kriging weights are exactly the
+    # indicator there (a target on a contact).
     data = dict(small, motion=Motion(np.array([1.0]), np.array([0.0]), np.array([[20.0]], dtype=np.float32)))
-    corrected = _corrected(data, tmp_path, MotionParams(), device)
+    corrected = _corrected(data, tmp_path, MotionParams(border="zeros"), device)
     np.testing.assert_array_equal(corrected[:, :-2], small["traces"][:, 2:])
     assert not corrected[:, -2:].any()
+    clamped = _corrected(data, tmp_path, MotionParams(border="clamp"), device)
+    np.testing.assert_array_equal(clamped[:, :-2], small["traces"][:, 2:])
+    np.testing.assert_array_equal(clamped[:, -2:], small["traces"][:, -2:])
 
 
 # ------------------------------------------------------------------------------- streaming
@@ -248,3 +252,15 @@ def test_correction_of_whitened_traces_removes_the_drift(drifting, tmp_path, dev
     for unit, ((r_before, slope_before), (r_after, slope_after)) in enumerate(zip(before, after)):
         assert r_before > 0.5 and slope_before > 0.8, f"unit {unit} did not drift"
         assert r_after < 0.2 and abs(slope_after) < 0.1, f"unit {unit} still drifts: r={r_after:.2f}"
+
+
+def test_clamped_border_keeps_every_channel_at_its_noise_level(small, tmp_path, device):
+    """Our default: a target off the probe is read at the probe's edge, so no channel goes quiet."""
+    clamped = _corrected(small, tmp_path, MotionParams(border="clamp"), device)
+    zeroed = _corrected(small, tmp_path, MotionParams(border="zeros"), device)
+    assert (zeroed == 0).all(axis=1).sum() == 0 and (zeroed == 0).any()  # zeros happen, on some channels
+    assert not (clamped == 0).any()
+    inside = ~(zeroed == 0).any(axis=0)
+    np.testing.assert_array_equal(clamped[:, inside], zeroed[:, inside])  # only off-probe targets differ
+    spread = clamped.std(axis=0) / small["traces"].std(axis=0)
+    assert spread.min() > 0.6

@@ -114,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     dandi.add_argument("--copy", action="store_true", help="copy files instead of hard-linking them")
     dandi.set_defaults(handler=_dandi_prep)
 
+    _add_train_calcium(sub, common)
+
     demo = sub.add_parser("demo", parents=[common], help="synthesize a session, process it, print a report",
                           description="Build a small synthetic session, run process_session on CPU on the "
                                       "embedded Prefect server, validate the output, print stage timings.")
@@ -177,6 +179,27 @@ def _dandi_summary(report: dict) -> str:
     lines += [f"note: {note}" for note in report["notes"]]
     lines.append(f"report: {Path(report['dandiset_dir']) / '.nwbflow-dandi-prep' / 'report.md'} (and report.json)")
     return "\n".join(lines)
+
+
+def _add_train_calcium(sub, common: argparse.ArgumentParser) -> None:
+    from nwbflow.ophys.training.cli import add_arguments
+
+    train = sub.add_parser("train-calcium", parents=[common], help="train the calcium spike-inference CNN",
+                           description="Train the calcium CNN from simulation and CASCADE-format ground truth "
+                                       "(DS09/DS14, the Spikefinder sources, are never used); writes NAME.pt and "
+                                       "NAME.json (checksum, command, seed, data provenance).")
+    add_arguments(train)
+    train.set_defaults(handler=_train_calcium)
+
+
+def _train_calcium(args: argparse.Namespace) -> int:
+    from nwbflow.ophys.training.cli import run
+
+    logging.getLogger("nwbflow").setLevel(logging.INFO)
+    logging.getLogger("nwbflow").addHandler(logging.StreamHandler())
+    card = run(args)
+    print(f"wrote {card['name']}: {card['weights_bytes']} bytes, sha256 {card['weights_sha256']}")
+    return EXIT_OK
 
 
 def _synth(args: argparse.Namespace) -> int:

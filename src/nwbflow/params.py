@@ -124,6 +124,10 @@ class MotionParams(_Params):
         True, description="Also write the motion-corrected preprocessed traces (the sorter's input).")
     interpolation: Literal["kriging", "idw", "nearest"] = Field(
         "kriging", description="How corrected traces are interpolated from neighbouring channels.")
+    border: Literal["clamp", "zeros"] = Field(
+        "clamp", description="Corrected positions off the probe: 'clamp' reads them at the nearest point of the "
+                             "probe's extent (every channel keeps its noise level, which the sorter needs); "
+                             "'zeros' zeroes them (SpikeInterface's force_zeros).")
     kriging_sigma_um: float = Field(20.0, gt=0, le=500, description="Length scale of the kriging kernel (µm).")
     kriging_p: float = Field(1.0, gt=0, le=2, description="Exponent of the kriging kernel exp(-(d/sigma)^p).")
     correction_radius_um: float = Field(
@@ -138,6 +142,112 @@ class MotionParams(_Params):
         return cls(**{"time_interpolation": "bin", "hidden_features": (256, 256), "average_steps": 0,
                       "early_stop_tolerance_um": 0.0, "time_kernel_width_s": 30.0, "training_steps": 10_000,
                       **overrides})
+
+
+#: Sorters the ``sorting`` stage can run: ours, then SpikeInterface sorters that need no container
+#: (each runs only where SpikeInterface reports it installed; "simple" is SpikeInterface's baseline, which
+#: needs nothing beyond SpikeInterface).
+SORTER_NAMES: tuple[str, ...] = ("nwbflow", "spykingcircus2", "tridesclous2", "kilosort4", "mountainsort5", "simple")
+SorterName = Literal["nwbflow", "spykingcircus2", "tridesclous2", "kilosort4", "mountainsort5", "simple"]
+
+
+class SortingParams(_Params):
+    """Spike sorting on the motion-corrected, whitened traces: detection, SVD features, clustering,
+    template matching with residual subtraction, merges, quality metrics.
+
+    Amplitude thresholds are in units of the whitened noise (each channel's robust standard deviation).
+    """
+
+    sorter: SorterName = Field(
+        "nwbflow", description="Who sorts: 'nwbflow' (ours, template matching in torch) or a SpikeInterface "
+                               "sorter installed here, run on the raw series with its own preprocessing.")
+    sorter_params: dict[str, float | int | str | bool | None] = Field(
+        default_factory=dict, description="Parameters passed to a SpikeInterface sorter (ignored by 'nwbflow').")
+    detect_threshold_mad: float = Field(
+        5.5, gt=1, le=50, description="Threshold of the detection that feeds clustering (noise MAD units).")
+    ms_before: float = Field(0.7, gt=0.1, le=5, description="Template samples before the trough (ms).")
+    ms_after: float = Field(1.3, gt=0.1, le=10, description="Template samples after the trough (ms).")
+    temporal_components: int = Field(
+        6, ge=1, le=16, description="Rank of the SVD temporal basis each channel's waveform is projected on.")
+    clustering_radius_um: float = Field(
+        60.0, gt=0, le=500, description="Spikes are clustered on the channels within this distance of their "
+                                        "peak channel (µm).")
+    template_radius_um: float = Field(
+        100.0, gt=0, le=1000, description="Templates are kept on channels within this distance of their "
+                                          "peak channel, zero beyond (µm).")
+    max_spikes_per_channel: int = Field(
+        3000, ge=100, le=100_000, description="Spikes per peak channel kept for clustering (a uniform random "
+                                              "subset of the whole recording).")
+    min_cluster_spikes: int = Field(
+        20, ge=5, le=10_000, description="Smallest cluster that becomes a template (spikes in the subset).")
+    bimodality_threshold: float = Field(
+        0.5, gt=0, lt=1, description="Two clusters stay apart when the dip between them along the line of "
+                                     "their centres is deeper than this fraction of the smaller mode.")
+    match_threshold: float = Field(
+        7.0, gt=1, le=100, description="A template match is a spike when its matched-filter output reaches "
+                                       "this many noise standard deviations.")
+    match_passes: int = Field(
+        8, ge=1, le=50, description="Match-and-subtract passes per chunk (later passes find overlapping spikes).")
+    template_update_passes: int = Field(
+        1, ge=0, le=5, description="Full matching passes whose spikes re-estimate the templates before the "
+                                   "final pass.")
+    merge_similarity: float = Field(
+        0.9, gt=0, le=1, description="Units whose templates correlate at least this much (best lag) are "
+                                     "merged when their cross-correlogram is refractory.")
+    refractory_ms: float = Field(1.5, gt=0, le=10,
+                                 description="Refractory period for merges and the ISI violation metric (ms).")
+    min_unit_spikes: int = Field(
+        10, ge=1, le=100_000, description="Units with fewer matched spikes are dropped.")
+    waveform_spikes: int = Field(
+        300, ge=10, le=10_000, description="Spikes per unit (random) averaged into waveform_mean / waveform_sd.")
+    presence_bin_s: float = Field(60.0, gt=0, le=3600,
+                                  description="Bin of the presence_ratio quality metric (s).")
+    chunk_duration_s: float = Field(2.0, gt=0.05, le=60, description="Samples matched at once (s).")
+    seed: int = Field(0, ge=0, description="Seed of the random subsets (clustering, waveforms).")
+
+    @model_validator(mode="after")
+    def _radii_are_nested(self) -> SortingParams:
+        if self.clustering_radius_um > self.template_radius_um:
+            raise ValueError(f"clustering_radius_um ({self.clustering_radius_um}) must not exceed "
+                             f"template_radius_um ({self.template_radius_um})")
+        return self
+
+
+#: The shipped calcium network (nwbflow/ophys/weights/<name>.pt), the default of CalciumParams.model.
+CALCIUM_MODEL = "nwbflow-cnn-v1"
+
+
+class CalciumParams(_Params):
+    """Calcium spike inference: ΔF/F from a RoiResponseSeries -> spike rate (Hz) per frame."""
+
+    method: Literal["cnn", "ar1"] = Field(
+        "cnn", description="'cnn': the shipped network (nwbflow.ophys); 'ar1': non-negative AR(1) deconvolution.")
+    model: str = Field(CALCIUM_MODEL, min_length=1, max_length=100,
+                       description="Name of the shipped network (method 'cnn').")
+    roi_series: str | None = Field(
+        None, description="Object path of the RoiResponseSeries to read (e.g. "
+                          "'processing/ophys/Fluorescence/RoiResponseSeries'); default: the only one that is not "
+                          "a neuropil trace or an nwbflow result.")
+    input_kind: Literal["auto", "fluorescence", "dff"] = Field(
+        "auto", description="What the series holds: raw fluorescence (ΔF/F is computed) or ΔF/F already; 'auto': "
+                            "ΔF/F when it sits in a DfOverF container, else fluorescence.")
+    neuropil_series: str | None = Field(
+        None, description="Object path of a RoiResponseSeries of neuropil traces of the same ROIs, subtracted "
+                          "(times neuropil_coefficient) before ΔF/F; only with raw fluorescence.")
+    neuropil_coefficient: float = Field(0.7, ge=0, le=2,
+                                        description="F - coefficient x neuropil (unitless).")
+    baseline_window_s: float = Field(60.0, gt=1, le=3600,
+                                     description="Running window of the robust F0 baseline (s).")
+    baseline_percentile: float = Field(10.0, ge=0, le=50,
+                                       description="Percentile of 0.5 s bin means taken as F0 in each window.")
+    batch_size: int = Field(64, ge=1, le=65536,
+                            description="CNN windows (of 4096 samples at 50 Hz) per forward pass; halved on OOM.")
+    ar1_sparsity: float = Field(4.0, ge=0, le=100,
+                                description="AR(1): L1 penalty in units of the trace's noise sd (unitless); "
+                                            "default tuned on the ground truth (benchmarks/calcium.py).")
+    ar1_dff_per_spike: float = Field(0.29, gt=0, le=10,
+                                     description="AR(1): ΔF/F jump of one spike, to turn jumps into spikes; "
+                                                 "default calibrated on the ground truth.")
 
 
 class SessionParams(_Params):
@@ -155,6 +265,8 @@ class SessionParams(_Params):
     preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
     peaks: PeakParams = Field(default_factory=PeakParams)
     motion: MotionParams = Field(default_factory=MotionParams)
+    sorting: SortingParams = Field(default_factory=SortingParams)
+    calcium: CalciumParams = Field(default_factory=CalciumParams)
 
     @model_validator(mode="after")
     def _stages_in_order(self) -> SessionParams:

@@ -67,7 +67,7 @@ from nwbflow.errors import BadInputError
 from nwbflow.params import PeakParams
 
 __all__ = ["MAD_TO_STD", "detect_peaks", "iter_peaks", "localize_center_of_mass", "localize_monopolar_triangulation",
-           "localize_peaks", "neighbour_table", "noise_mad", "sweep_samples"]
+           "localize_peaks", "neighbour_table", "noise_mad", "source_noise_mad", "sweep_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,20 @@ def noise_mad(binary_path: str | Path, num_channels: int, *, chunk_samples: int,
         In the binary's units; the median over chunks of each chunk's robust
         standard deviation (memory of one chunk; medians as ``np.median``).
     """
-    device = torch.device(device)
     source = open_binary(binary_path, num_channels, dtype=binary_dtype)
+    if source.num_samples == 0:
+        raise BadInputError("cannot estimate noise of an empty binary", path=binary_path)
+    return source_noise_mad(source, chunk_samples=chunk_samples, num_chunks=num_chunks, seed=seed, device=device)
+
+
+def source_noise_mad(source: TraceSource, *, chunk_samples: int, num_chunks: int = 20, seed: int = 0,
+                     device: torch.device | str = "cpu") -> np.ndarray:
+    """:func:`noise_mad` of any :class:`TraceSource` (same sampling, same medians)."""
+    device = torch.device(device)
+    num_channels = source.num_channels
     ranges = sample_chunk_ranges(source.num_samples, chunk_samples, num_chunks, seed)
     if len(ranges) == 0:
-        raise BadInputError("cannot estimate noise of an empty binary", path=binary_path)
+        raise BadInputError("cannot estimate the noise of an empty recording")
     levels = torch.empty((num_channels, len(ranges)), dtype=torch.float64, device=device)
     for i, (start, end) in enumerate(ranges):
         traces = torch.from_numpy(source.get_traces(int(start), int(end))).to(device).T.contiguous()  # (C, T)

@@ -11,9 +11,11 @@ from nwbflow.device import resolve_device
 from nwbflow.params import SessionParams
 from nwbflow.tasks.caching import is_complete, stage_dir
 from nwbflow.tasks.ephys import peaks_key, peaks_task, preprocess_key, preprocess_task
+from nwbflow.tasks.calcium import calcium_key, calcium_task
 from nwbflow.tasks.motion import motion_key, motion_task
 from nwbflow.tasks.plan import plan_session
 from nwbflow.tasks.report import publish_report
+from nwbflow.tasks.sorting import sorting_key, sorting_task
 from nwbflow.tasks.writeback import write_back_task
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,14 @@ def process_session(nwb_path: str, out_path: str, params: SessionParams = Sessio
         key = motion_key(plan, done["peaks"], params.motion, seed=0)
         done["motion"] = _cached_unless_missing(motion_task, plan, "motion", key)(
             plan, done["preprocess"], done["peaks"], params.motion, device=params.device, timeout_s=timeout_s)
+    if "sorting" in plan.stages:
+        motion = done.get("motion")
+        key = sorting_key(plan, done["preprocess"], motion, params.sorting)
+        done["sorting"] = _cached_unless_missing(sorting_task, plan, "sorting", key)(
+            plan, done["preprocess"], motion, params.sorting, device=params.device, timeout_s=timeout_s)
+    if "calcium" in plan.stages:
+        done["calcium"] = _cached_unless_missing(calcium_task, plan, "calcium", calcium_key(plan, params.calcium))(
+            plan, params.calcium, device=params.device, timeout_s=timeout_s)
     outcomes = list(done.values())
     written = write_back_task(plan, out_path, outcomes, params)
     summary = {"input": plan.nwb_path, "output": written["path"], "workdir": plan.workdir,

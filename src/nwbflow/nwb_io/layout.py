@@ -21,6 +21,11 @@ ECEPHYS_MODULE = "ecephys"
 ECEPHYS_MODULE_DESCRIPTION = "Extracellular electrophysiology results computed by nwbflow."
 MOTION = "motion"
 PEAKS = "peaks"
+#: Sorted units go to the file's ``units`` table; when the input already has one (e.g. a curated
+#: sorting), to ``processing/ecephys/<UNITS_IN_PROCESSING>`` instead, leaving the original alone.
+UNITS = "units"
+UNITS_IN_PROCESSING = "units_nwbflow"
+UNITS_DESCRIPTION = "Units sorted by nwbflow"
 
 OPHYS_MODULE = "ophys"
 DECONVOLVED = "Deconvolved"
@@ -35,3 +40,7 @@ def object_path(module: str, name: str) -> str:
 PROVENANCE_PATH = object_path(PROVENANCE_MODULE, PROVENANCE_TABLE)
 PEAKS_PATH = object_path(ECEPHYS_MODULE, PEAKS)
 MOTION_PATH = object_path(ECEPHYS_MODULE, MOTION)
+OPHYS_MODULE_DESCRIPTION = "Optical physiology results computed by nwbflow."
+#: The Deconvolved container (a core Fluorescence container) that holds the inferred spike rate.
+OPHYS_RESULTS = object_path(OPHYS_MODULE, DECONVOLVED)
+SPIKE_RATE_PATH = f"{OPHYS_RESULTS}/{SPIKE_RATE}"

@@ -246,6 +246,52 @@ class NwbSession:
         values += _hdf5.attr_float(data, "offset", 0.0)
         return values.astype(np.float32)
 
+    def select_roi(self, object_path: str | None = None, exclude: tuple[str, ...] = ()) -> RoiSeriesInfo:
+        """The RoiResponseSeries to process.
+
+        Parameters
+        ----------
+        object_path : its object path; None picks the only series whose name
+            does not mark it as a neuropil trace and that is not under one of
+            the ``exclude`` object-path prefixes (e.g. earlier nwbflow results).
+
+        Raises
+        ------
+        BadInputError
+            No RoiResponseSeries; ``object_path`` is not one; or, with None,
+            several candidates (the message lists them).
+        """
+        paths = self.roi_paths()
+        if object_path is not None:
+            object_path = object_path.strip("/")
+            if object_path not in paths:
+                found = self._types.get(object_path)
+                what = f"is of type {found}, not RoiResponseSeries" if found else "does not exist"
+                raise BadInputError(f"{what}; RoiResponseSeries in this file: {', '.join(paths) or 'none'}",
+                                    path=self.path, obj=object_path,
+                                    fix="pass `calcium.roi_series` with the object path of the series to process")
+            return self.roi_info(object_path)
+        candidates = [p for p in paths if "neuropil" not in p.rsplit("/", 1)[-1].lower()
+                      and not any(p.startswith(prefix) for prefix in exclude)]
+        if len(candidates) != 1:
+            which = "no RoiResponseSeries" if not candidates else f"{len(candidates)} RoiResponseSeries"
+            raise BadInputError(f"{which} to choose from ({', '.join(paths) or 'none in the file'})",
+                                path=self.path, fix="pass `calcium.roi_series` with the object path of the series "
+                                                    "to process")
+        return self.roi_info(candidates[0])
+
+    def roi_content_hash(self, object_path: str) -> str:
+        """``"sha256:<hex>"`` of a RoiResponseSeries' data (dtype, shape, raw bytes), read in blocks."""
+        info = self.roi_info(object_path)
+        data = self._group(info.object_path)["data"]
+        digest = hashlib.sha256()
+        digest.update(f"dtype={data.dtype.str};shape={data.shape};".encode())
+        rows = _series.block_rows(data, HASH_BLOCK_BYTES)
+        for start in range(0, info.num_frames, rows):
+            block = _series.read(data, slice(start, start + rows), path=self.path, obj=info.object_path)
+            digest.update(np.ascontiguousarray(block))
+        return "sha256:" + digest.hexdigest()
+
     def select_ephys(self, object_path: str | None = None) -> EphysSeries:
         """The ElectricalSeries to process.
 

@@ -64,12 +64,47 @@ class MotionForNwb:
 
 
 @dataclass(frozen=True)
+class CalciumForNwb:
+    """Inferred spike rates to write as ``processing/ophys/Deconvolved/inferred_spike_rate``.
+
+    ``npy_path`` holds (num_frames, num_rois) float32 spike rates in Hz, one
+    row per frame of ``roi_series`` (the object path of the RoiResponseSeries
+    they were inferred from, whose clock and ROI rows the result shares);
+    ``description`` names the method and the model checksum.
+    """
+
+    npy_path: Path
+    roi_series: str
+    description: str
+
+
+@dataclass(frozen=True)
+class UnitsForNwb:
+    """Sorted units to write as the file's Units table (or ``processing/ecephys/units_nwbflow`` when the
+    input already has one).
+
+    ``spikes_path``: parquet with columns time_s (session clock, s) and unit (0..U-1);
+    ``units_path``: npz with unit_channels (U, K) (columns of ``electrical_series``),
+    waveform_mean_uv / waveform_sd_uv (U, T, K) µV, before (samples before the trough),
+    sampling_rate_hz, and one (U,) array per name in ``metric_descriptions``.
+    """
+
+    spikes_path: Path
+    units_path: Path
+    electrical_series: str
+    sorter: str
+    metric_descriptions: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
 class SessionResults:
     """Everything one run adds to the processed file."""
 
     provenance: tuple[ProvenanceRecord, ...]
     peaks: PeaksForNwb | None = None
     motion: MotionForNwb | None = None
+    calcium: CalciumForNwb | None = None
+    units: UnitsForNwb | None = None
     extra_was_generated_by: tuple[tuple[str, str], ...] = field(default=())
 
 
@@ -109,6 +144,10 @@ def _export(input_path: Path, tmp_path: Path, results: SessionResults) -> None:
             _add_peaks(nwbfile, results.peaks, input_path)
         if results.motion is not None:
             _add_motion(nwbfile, results.motion, input_path)
+        if results.calcium is not None:
+            _add_calcium(nwbfile, results.calcium, input_path)
+        if results.units is not None:
+            _add_units(nwbfile, results.units, input_path)
         _mark_generated_by(nwbfile, results.extra_was_generated_by)
         nwbfile.generate_new_id()
         # NWBFile.identifier has no setter; an exported asset needs its own identifier.
@@ -181,6 +220,64 @@ def _add_motion(nwbfile: pynwb.NWBFile, motion: MotionForNwb, input_path: Path) 
             description=motion.description,
             source_electrical_series=_object_at(nwbfile, motion.electrical_series, input_path))
     module.add(estimate)
+
+
+def _add_calcium(nwbfile: pynwb.NWBFile, calcium: CalciumForNwb, input_path: Path) -> None:
+    """A RoiResponseSeries (Hz) in a core Fluorescence container named Deconvolved, on the source's clock and ROIs."""
+    from pynwb.ophys import Fluorescence
+
+    module = _module(nwbfile, layout.OPHYS_MODULE, layout.OPHYS_MODULE_DESCRIPTION)
+    _refuse_existing(module, layout.DECONVOLVED, input_path)
+    source = _object_at(nwbfile, calcium.roi_series, input_path)
+    rates = np.load(calcium.npy_path)
+    if rates.shape[0] != source.data.shape[0]:
+        raise NwbflowError(f"{calcium.npy_path}: {rates.shape[0]} frames, but {calcium.roi_series} has "
+                           f"{source.data.shape[0]}")
+    rois = source.rois.table.create_roi_table_region(
+        region=[int(i) for i in source.rois.data[:]], name="rois",
+        description=f"The ROIs of {calcium.roi_series}, in the same order.")
+    clock = ({"timestamps": source} if source.timestamps is not None
+             else {"starting_time": source.starting_time, "rate": source.rate})
+    container = Fluorescence(name=layout.DECONVOLVED)
+    container.create_roi_response_series(name=layout.SPIKE_RATE, data=rates.astype(np.float32), unit="Hz",
+                                         rois=rois, description=calcium.description, **clock)
+    module.add(container)
+
+
+def _add_units(nwbfile: pynwb.NWBFile, units: UnitsForNwb, input_path: Path) -> None:
+    """A Units table as NeuroConv writes one: spike times (s), electrodes, µV waveforms, metric columns."""
+    from pynwb.misc import Units
+
+    spikes = pq.read_table(units.spikes_path, columns=["time_s", "unit"])
+    times, labels = spikes["time_s"].to_numpy(), spikes["unit"].to_numpy()
+    series = _object_at(nwbfile, units.electrical_series, input_path)
+    electrode_rows = np.asarray(series.electrodes.data[:], dtype=np.int64)
+    in_processing = nwbfile.units is not None
+    if in_processing:
+        module = _module(nwbfile, layout.ECEPHYS_MODULE, layout.ECEPHYS_MODULE_DESCRIPTION)
+        _refuse_existing(module, layout.UNITS_IN_PROCESSING, input_path)
+    with np.load(units.units_path) as arrays:
+        rate = float(arrays["sampling_rate_hz"])
+        table = Units(name=layout.UNITS_IN_PROCESSING if in_processing else layout.UNITS,
+                      description=f"{layout.UNITS_DESCRIPTION} ({units.sorter}) from {units.electrical_series}.",
+                      electrode_table=nwbfile.electrodes, waveform_rate=rate, waveform_unit="microvolts",
+                      waveform_time_before_peak_in_ms=float(arrays["before"]) * 1000.0 / rate, resolution=1.0 / rate)
+        table.add_column("unit_name", "Name of the unit given by the sorter.")
+        for name, description in units.metric_descriptions:
+            table.add_column(name, description)
+        order = np.argsort(labels, kind="stable")
+        bounds = np.searchsorted(labels[order], np.arange(len(arrays["unit_channels"]) + 1))
+        for unit, channels in enumerate(arrays["unit_channels"]):
+            table.add_unit(spike_times=np.sort(times[order[bounds[unit]:bounds[unit + 1]]]),
+                           electrodes=electrode_rows[channels].tolist(),
+                           waveform_mean=arrays["waveform_mean_uv"][unit].astype(np.float32),
+                           waveform_sd=arrays["waveform_sd_uv"][unit].astype(np.float32),
+                           unit_name=f"{units.sorter}_{unit}", id=unit,
+                           **{name: float(arrays[name][unit]) for name, _ in units.metric_descriptions})
+    if in_processing:
+        module.add(table)
+    else:
+        nwbfile.units = table
 
 
 def _object_at(nwbfile: pynwb.NWBFile, object_path: str, input_path: Path):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nwbflow.errors import BadInputError
+from nwbflow.nwb_io.layout import OPHYS_RESULTS
 from nwbflow.nwb_io.read import open_session
 from nwbflow.params import STAGE_ORDER, SessionParams
 from nwbflow.tasks.caching import file_identity, memoized_content_hash
@@ -16,9 +17,11 @@ from nwbflow.tasks.provenance import SeriesInput
 log = logging.getLogger(__name__)
 
 #: Stages built so far, with the data they need ("ephys" or "ophys").
-BUILT_STAGES: dict[str, str] = {"preprocess": "ephys", "peaks": "ephys", "motion": "ephys"}
+BUILT_STAGES: dict[str, str] = {"preprocess": "ephys", "peaks": "ephys", "motion": "ephys", "sorting": "ephys",
+                                 "calcium": "ophys"}
 #: Stages a stage cannot run without (their artifacts feed it).
-STAGE_NEEDS: dict[str, tuple[str, ...]] = {"peaks": ("preprocess",), "motion": ("peaks", "preprocess")}
+STAGE_NEEDS: dict[str, tuple[str, ...]] = {"peaks": ("preprocess",), "motion": ("peaks", "preprocess"),
+                                           "sorting": ("motion", "peaks", "preprocess")}
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class SessionPlan:
     workdir: str
     input_identity: str
     ephys: SeriesInput | None = None
+    #: The RoiResponseSeries the calcium stage reads (None when it does not run).
+    ophys: SeriesInput | None = None
 
 
 def check_input(nwb_path: str | Path, params: SessionParams) -> tuple[tuple[str, ...], str | None]:
@@ -40,7 +45,18 @@ def check_input(nwb_path: str | Path, params: SessionParams) -> tuple[tuple[str,
     starts Prefect, and by ``plan_session``.
     """
     with open_session(nwb_path) as session:
-        return _stages_and_series(session, Path(nwb_path), params)
+        stages, series_path = _stages_and_series(session, Path(nwb_path), params)
+        _roi_series(session, stages, params)
+        return stages, series_path
+
+
+def _roi_series(session, stages: tuple[str, ...], params: SessionParams) -> str | None:
+    """Object path of the RoiResponseSeries the calcium stage reads, or None when it does not run."""
+    if "calcium" not in stages:
+        return None
+    if params.calcium.neuropil_series is not None:
+        session.select_roi(params.calcium.neuropil_series)  # exists and is a RoiResponseSeries
+    return session.select_roi(params.calcium.roi_series, exclude=(OPHYS_RESULTS,)).object_path
 
 
 def _stages_and_series(session, nwb_path: Path, params: SessionParams) -> tuple[tuple[str, ...], str | None]:
@@ -67,15 +83,26 @@ def plan_session(nwb_path: str | Path, params: SessionParams, workdir_root: str 
             series = session.select_ephys(series_path)
             sha = memoized_content_hash(workdir_root, nwb_path, series_path, series.content_hash)
             ephys = SeriesInput(file=str(nwb_path), object=series_path, sha256=sha)
+        ophys = _ophys_input(session, workdir_root, nwb_path, stages, params)
     size, mtime_ns = file_identity(nwb_path)
     identity = json.dumps({"path": str(nwb_path), "size": size, "mtime_ns": mtime_ns,
                            "object": ephys.object if ephys else "", "sha256": ephys.sha256 if ephys else ""})
-    key = (ephys.sha256 if ephys else "").split(":")[-1][:16] or "nodata"
+    key = (ephys.sha256 if ephys else ophys.sha256 if ophys else "").split(":")[-1][:16] or "nodata"
     workdir = workdir_root / f"{nwb_path.stem}-{key}"
     workdir.mkdir(parents=True, exist_ok=True)
     log.info("stages %s on %s; work directory %s", ",".join(stages), nwb_path, workdir)
     return SessionPlan(nwb_path=str(nwb_path), stages=stages, workdir=str(workdir), input_identity=identity,
-                       ephys=ephys)
+                       ephys=ephys, ophys=ophys)
+
+
+def _ophys_input(session, workdir_root: Path, nwb_path: Path, stages: tuple[str, ...],
+                 params: SessionParams) -> SeriesInput | None:
+    """The calcium stage's input series with its (memoized) content hash; None when it does not run."""
+    roi_path = _roi_series(session, stages, params)
+    if roi_path is None:
+        return None
+    sha = memoized_content_hash(workdir_root, nwb_path, roi_path, lambda: session.roi_content_hash(roi_path))
+    return SeriesInput(file=str(nwb_path), object=roi_path, sha256=sha)
 
 
 def _resolve_stages(requested: tuple[str, ...] | None, content: dict[str, bool], path: Path) -> tuple[str, ...]:
@@ -86,7 +113,7 @@ def _resolve_stages(requested: tuple[str, ...] | None, content: dict[str, bool],
                 "nothing to run: no built stage applies to this file "
                 f"(ElectricalSeries: {content['ephys']}, RoiResponseSeries: {content['ophys']}; "
                 f"built stages: {', '.join(BUILT_STAGES)})", path=path,
-                fix="give a file with an ElectricalSeries")
+                fix="give a file with an ElectricalSeries or a RoiResponseSeries")
     else:
         unbuilt = [s for s in requested if s not in BUILT_STAGES]
         if unbuilt:

@@ -44,11 +44,12 @@ def publish_report(summary: dict) -> list[str]:
         png = out_path.with_name(out_path.stem + "_peaks.png")
         figures.append(peak_raster_png(table["time_s"].to_numpy(), table["y_um"].to_numpy(),
                                        table["amplitude"].to_numpy(), png, f"Peaks of {out_path.stem}"))
-    motion = next((s for s in summary["stages"] if s["stage"] == "motion"), None)
-    if motion is not None and "figure" in motion["artifacts"]:
-        png = out_path.with_name(out_path.stem + "_motion.png")
-        shutil.copyfile(motion["artifacts"]["figure"], png)
-        figures.append(png)
+    for stage in ("motion", "sorting"):  # figures the stages drew, copied beside the output
+        done = next((s for s in summary["stages"] if s["stage"] == stage), None)
+        if done is not None and "figure" in done["artifacts"]:
+            png = out_path.with_name(f"{out_path.stem}_{'units' if stage == 'sorting' else stage}.png")
+            shutil.copyfile(done["artifacts"]["figure"], png)
+            figures.append(png)
     lines = [f"# {out_path.name}", "", f"Input: `{summary['input']}`  ", f"Output: `{out_path}`  ",
              f"Work directory: `{summary['workdir']}`", "",
              "| stage | seconds | device | counts |", "|---|---|---|---|"]

@@ -9,7 +9,9 @@ from pathlib import Path
 from prefect import task
 
 from nwbflow.nwb_io import layout
-from nwbflow.nwb_io.write import MotionForNwb, PeaksForNwb, SessionResults, write_processed
+from nwbflow.ephys.sorting.metrics import METRIC_DESCRIPTIONS
+from nwbflow.nwb_io.write import (CalciumForNwb, MotionForNwb, PeaksForNwb, SessionResults, UnitsForNwb,
+                                  write_processed)
 from nwbflow.params import SessionParams
 from nwbflow.tasks.outcome import StageOutcome
 from nwbflow.tasks.plan import SessionPlan
@@ -42,7 +44,33 @@ def write_back_task(plan: SessionPlan, out_path: str, outcomes: list[StageOutcom
                                           "localized depths.")
         by_stage["motion"] = dataclasses.replace(by_stage["motion"], provenance=dataclasses.replace(
             record, outputs=record.outputs + (layout.MOTION_PATH,)))
+    units = None
+    if "sorting" in by_stage:
+        units = UnitsForNwb(spikes_path=Path(by_stage["sorting"].artifacts["spikes"]),
+                            units_path=Path(by_stage["sorting"].artifacts["units"]),
+                            electrical_series=plan.ephys.object, sorter=params.sorting.sorter,
+                            metric_descriptions=tuple(METRIC_DESCRIPTIONS.items()))
+        record = by_stage["sorting"].provenance
+        by_stage["sorting"] = dataclasses.replace(by_stage["sorting"], provenance=dataclasses.replace(
+            record, outputs=record.outputs + (layout.UNITS,)))
+    calcium = None
+    if "calcium" in by_stage:
+        calcium, by_stage["calcium"] = _calcium_for_nwb(plan, by_stage["calcium"])
     results = SessionResults(provenance=tuple(by_stage[o.stage].provenance for o in outcomes), peaks=peaks,
-                             motion=motion)
+                             motion=motion, calcium=calcium, units=units)
     written = write_processed(plan.nwb_path, out_path, results)
     return {"path": str(written), "seconds": time.perf_counter() - clock}
+
+
+def _calcium_for_nwb(plan: SessionPlan, outcome: StageOutcome) -> tuple[CalciumForNwb, StageOutcome]:
+    """The calcium result to write, and its outcome with the NWB object added to the provenance outputs."""
+    summary = outcome.summary
+    how = (f"CNN {summary['model']} (weights sha256 {summary['model_sha256']})" if summary["method"] == "cnn"
+           else "non-negative AR(1) deconvolution")
+    calcium = CalciumForNwb(
+        npy_path=Path(outcome.artifacts["spike_rate"]), roi_series=plan.ophys.object,
+        description=f"Spike rate (Hz) inferred by nwbflow from {plan.ophys.object} ({summary['input_kind']}) "
+                    f"with {how}; one value per frame of the source series, same ROIs.")
+    record = outcome.provenance
+    return calcium, dataclasses.replace(outcome, provenance=dataclasses.replace(
+        record, outputs=record.outputs + (layout.SPIKE_RATE_PATH,)))

@@ -230,7 +230,7 @@ def _build_kernel(source: TraceSource, channel_positions_um: np.ndarray, motion:
                                 fix="pass one time per sample, or the first sample's time (s)")
     interpolator = SpatialInterpolator(positions, params.interpolation, sigma_um=params.kriging_sigma_um,
                                        p=params.kriging_p, radius_um=params.correction_radius_um,
-                                       num_closest=params.idw_num_closest, device=device)
+                                       num_closest=params.idw_num_closest, border=params.border, device=device)
     if whitening is not None and np.shape(whitening) != (source.num_channels, source.num_channels):
         raise BadInputError(f"whitening must be ({source.num_channels}, {source.num_channels}), "
                             f"got {np.shape(whitening)}")

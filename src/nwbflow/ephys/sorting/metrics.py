@@ -1,0 +1,128 @@
+"""Unit waveforms on the filtered (unwhitened) scale and quality metrics, as SpikeInterface defines them.
+
+Sorting runs on whitened traces ``x_w = W x``; waveforms are reported in µV on the filtered scale,
+``x = W^-1 x_w``, from a random subset of each unit's spikes read back from the traces.
+
+Metrics (per unit; ``duration_s`` the recording's length):
+
+- ``firing_rate`` : spikes / duration_s (Hz)
+- ``isi_violations_ratio`` : Hill et al.'s ratio as SpikeInterface computes it: violations (ISIs
+  below ``refractory_ms``) per ``2 x spikes x refractory`` seconds, over the unit's mean rate
+- ``presence_ratio`` : fraction of whole ``presence_bin_s`` bins holding a spike (NaN when the
+  recording is shorter than one bin)
+- ``snr`` : |mean waveform at its peak channel and sample| / that channel's noise (MAD-based), µV/µV
+- ``amplitude_median`` : median of the spikes' amplitudes at the peak channel (µV, signed)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nwbflow.ephys.chunks import TraceSource
+from nwbflow.ephys.sorting.features import robust_noise_levels
+
+#: Quality metric columns written to the Units table, with their descriptions (one place for both).
+METRIC_DESCRIPTIONS: dict[str, str] = {
+    "firing_rate": "Spikes per second over the recording (Hz).",
+    "snr": "Peak of the mean waveform over the peak channel's noise level (MAD / 0.6745), unitless.",
+    "isi_violations_ratio": "ISI violations ratio (Hill et al. 2011, as SpikeInterface computes it; 1.5 ms).",
+    "presence_ratio": "Fraction of whole 60 s bins in which the unit fires (NaN for recordings under 60 s).",
+    "amplitude_median": "Median spike amplitude at the peak channel, filtered scale (µV, signed).",
+}
+METRIC_NAMES = tuple(METRIC_DESCRIPTIONS)
+
+
+class UnwhitenedSource:
+    """``W^-1`` applied to every sample of a whitened :class:`TraceSource` (identity when None)."""
+
+    def __init__(self, source: TraceSource, whitening_inverse: np.ndarray | None):
+        self.source = source
+        self.num_samples, self.num_channels = source.num_samples, source.num_channels
+        self.sampling_rate_hz = source.sampling_rate_hz
+        self.matrix_t = None if whitening_inverse is None else np.asarray(whitening_inverse, np.float32).T.copy()
+
+    def get_traces(self, start_sample: int, end_sample: int) -> np.ndarray:
+        traces = self.source.get_traces(start_sample, end_sample)
+        return traces if self.matrix_t is None else traces @ self.matrix_t
+
+
+@dataclass(frozen=True)
+class UnitWaveforms:
+    """Per unit: mean and standard deviation waveforms (U, T, C) µV, peak channel (U,), and the
+    signed value of the mean waveform at its peak channel and sample (U,) µV."""
+
+    mean_uv: np.ndarray
+    sd_uv: np.ndarray
+    peak_channel: np.ndarray
+    peak_uv: np.ndarray
+
+
+def unit_waveforms(source: UnwhitenedSource, spike_samples: np.ndarray, spike_units: np.ndarray, num_units: int,
+                   before: int, width: int, spikes_per_unit: int, seed: int) -> UnitWaveforms:
+    """Mean / SD waveforms from up to ``spikes_per_unit`` random spikes per unit (read one by one)."""
+    rng = np.random.default_rng(seed)
+    mean = np.zeros((num_units, width, source.num_channels), np.float32)
+    sd = np.zeros_like(mean)
+    for unit in range(num_units):
+        samples = spike_samples[spike_units == unit]
+        samples = samples[(samples >= before) & (samples - before + width <= source.num_samples)]
+        if len(samples) > spikes_per_unit:
+            samples = np.sort(rng.choice(samples, spikes_per_unit, replace=False))
+        if len(samples) == 0:
+            continue
+        snippets = np.stack([source.get_traces(int(s) - before, int(s) - before + width) for s in samples])
+        mean[unit] = snippets.mean(axis=0)
+        sd[unit] = snippets.std(axis=0)
+    extreme = np.abs(mean).max(axis=1)  # (U, C)
+    peak_channel = extreme.argmax(axis=1)
+    rows = np.abs(mean[np.arange(num_units), :, peak_channel]).argmax(axis=1)
+    return UnitWaveforms(mean, sd, peak_channel, mean[np.arange(num_units), rows, peak_channel])
+
+
+def filtered_noise_uv(source: UnwhitenedSource, seed: int) -> np.ndarray:
+    """(C,) robust noise level (MAD / 0.6745, :func:`robust_noise_levels`) of the unwhitened traces, µV."""
+    return robust_noise_levels(source, int(round(0.33 * source.sampling_rate_hz)), 20, seed)
+
+
+def quality_metrics(spike_samples: np.ndarray, spike_units: np.ndarray, num_units: int, num_samples: int,
+                    sampling_rate_hz: float, amplitudes_uv: np.ndarray, waveforms: UnitWaveforms,
+                    noise_uv: np.ndarray, refractory_ms: float, presence_bin_s: float) -> dict[str, np.ndarray]:
+    """The :data:`METRIC_NAMES` columns, (U,) float64 each (definitions in the module docstring)."""
+    duration_s = num_samples / sampling_rate_hz
+    counts = np.bincount(spike_units, minlength=num_units).astype(np.float64)
+    bin_samples = int(presence_bin_s * sampling_rate_hz)
+    edges = np.arange(0, num_samples // bin_samples * bin_samples + 1, bin_samples) if bin_samples else np.zeros(1)
+    threshold_s = refractory_ms / 1000.0
+    isi_ratio = np.full(num_units, np.nan)
+    presence = np.full(num_units, np.nan)
+    amplitude_median = np.full(num_units, np.nan)
+    for unit in range(num_units):
+        selected = spike_units == unit
+        train = spike_samples[selected]
+        n = len(train)
+        if n == 0:
+            continue
+        violations = np.sum(np.diff(train) / sampling_rate_hz < threshold_s)
+        isi_ratio[unit] = (violations / (2 * n * threshold_s)) / (n / duration_s)
+        if len(edges) >= 2:
+            presence[unit] = np.sum(np.histogram(train, bins=edges)[0] > 0) / (len(edges) - 1)
+        amplitude_median[unit] = np.median(amplitudes_uv[selected])
+    snr = np.abs(waveforms.peak_uv) / noise_uv[waveforms.peak_channel]
+    return {"firing_rate": counts / duration_s, "snr": snr, "isi_violations_ratio": isi_ratio,
+            "presence_ratio": presence, "amplitude_median": amplitude_median}
+
+
+def spike_amplitudes_uv(spike_templates: np.ndarray, spike_scalings: np.ndarray, templates: np.ndarray,
+                        template_units: np.ndarray, waveforms: UnitWaveforms,
+                        whitening_inverse: np.ndarray | None) -> np.ndarray:
+    """(N,) each spike's amplitude at its unit's peak channel, µV: its template's unwhitened value at
+    that channel's extreme sample, times the spike's scaling of the template."""
+    unwhitened = templates if whitening_inverse is None else templates @ np.asarray(whitening_inverse, np.float32).T
+    values = np.zeros(len(templates), np.float32)
+    for index, unit in enumerate(template_units):
+        if unit >= 0:
+            trace = unwhitened[index, :, waveforms.peak_channel[unit]]
+            values[index] = trace[np.abs(trace).argmax()]
+    return values[spike_templates] * spike_scalings

@@ -1,0 +1,212 @@
+"""Our sorter: its pieces against brute force / SpikeInterface, and ground-truth accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nwbflow.ephys.chunks import ArraySource, open_binary
+from nwbflow.ephys.sorting import sort_traces
+from nwbflow.ephys.sorting.clustering import cluster_features, dip_split
+from nwbflow.ephys.sorting.features import ScaledSource, _Reservoir
+from nwbflow.ephys.sorting.matching import match_recording
+from nwbflow.ephys.sorting.metrics import UnitWaveforms, quality_metrics
+from nwbflow.ephys.sorting.templates import Templates
+from nwbflow.errors import BadInputError
+from nwbflow.params import PreprocessParams, SortingParams
+
+FS = 30_000.0
+
+
+def _templates(num_units: int, num_channels: int, width: int = 31, rank: int = 4, seed: int = 0) -> Templates:
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(width, rank, generator=generator))[0]
+    return Templates(basis, torch.randn(num_units, num_channels, rank, generator=generator) * 4, width // 3)
+
+
+def test_cross_products_equal_brute_force_shifted_inner_products():
+    templates = _templates(3, 5, width=9, rank=3)
+    dense, products = templates.dense().double(), templates.cross_products().double()
+    width = templates.width
+    for j in range(3):
+        for k in range(3):
+            for lag in range(-(width - 1), width):
+                expected = sum(float((dense[j, t] * dense[k, t + lag]).sum()) for t in range(width)
+                               if 0 <= t + lag < width)
+                assert products[j, k, lag + width - 1].item() == pytest.approx(expected, abs=1e-4)
+
+
+def _white_noise_autocorrelation(num_channels: int, width: int) -> torch.Tensor:
+    autocorrelation = torch.zeros(num_channels, width)
+    autocorrelation[:, 0] = 1.0
+    return autocorrelation
+
+
+@pytest.mark.parametrize("passes, expected", [(1, 1), (4, 2)])
+def test_matching_subtracts_and_finds_a_spike_hidden_under_a_larger_one(device, passes, expected):
+    templates = _templates(2, 6)
+    dense = templates.dense()
+    traces = torch.zeros(2000, 6)
+    start = 1000 - templates.before
+    traces[start:start + templates.width] += 2.0 * dense[0]          # a large spike of unit 0 at 1000
+    traces[start + 6:start + 6 + templates.width] += 0.9 * dense[1]  # unit 1, 6 samples later, overlapping
+    source = ArraySource(traces.numpy(), FS)
+    scaled = ScaledSource(source, np.ones(6), torch.device(device))
+    found = match_recording(scaled, Templates(templates.basis.to(device), templates.spatial.to(device),
+                                              templates.before), threshold=5.0, passes=passes,
+                            chunk_samples=700, autocorrelation=_white_noise_autocorrelation(6, 31).to(device))
+    assert len(found.samples) == expected
+    assert found.samples[0] in (1000, 1006)
+    if expected == 2:
+        order = np.argsort(found.units)
+        assert found.units[order].tolist() == [0, 1]
+        assert found.samples[order].tolist() == [1000, 1006]
+        # Greedy amplitudes of overlapping spikes are biased (1.93 here); one refit sweep brings them within 1 %.
+        np.testing.assert_allclose(found.amplitudes[order], [2.0, 0.9], rtol=0.01)
+
+
+def test_matching_is_the_same_whatever_the_chunking():
+    rng = np.random.default_rng(3)
+    templates = _templates(3, 8, seed=3)
+    dense = templates.dense().numpy()
+    traces = rng.normal(size=(20_000, 8)).astype(np.float32)
+    times = np.sort(rng.choice(np.arange(50, 19_900), 120, replace=False))
+    for time, unit in zip(times, rng.integers(0, 3, len(times))):
+        traces[time - templates.before:time - templates.before + templates.width] += dense[unit]
+    scaled = ScaledSource(ArraySource(traces, FS), np.ones(8), torch.device("cpu"))
+    runs = [match_recording(scaled, templates, 6.0, 4, chunk, _white_noise_autocorrelation(8, 31))
+            for chunk in (20_000, 1_777, 5_000)]
+    for run in runs[1:]:
+        np.testing.assert_array_equal(run.samples, runs[0].samples)
+        np.testing.assert_array_equal(run.units, runs[0].units)
+    recall = np.mean([np.min(np.abs(runs[0].samples - t)) <= 1 for t in times])
+    assert recall > 0.9
+
+
+def test_dip_split_tells_two_populations_from_one():
+    rng = np.random.default_rng(0)
+    one = torch.as_tensor(rng.normal(size=2000))
+    two = torch.as_tensor(np.concatenate([rng.normal(-4, 1, 1000), rng.normal(4, 1, 1000)]))
+    assert dip_split(one, -1.0, 1.0)[0] < 0.3
+    score, cut = dip_split(two, -4.0, 4.0)
+    assert score > 0.9 and abs(cut) < 1.0
+
+
+def test_clustering_recovers_three_gaussian_clusters():
+    rng = np.random.default_rng(1)
+    centres = np.array([[0, 0, 0, 0], [8, 0, 0, 0], [0, 8, 0, 0]], dtype=np.float64)
+    truth = np.repeat(np.arange(3), 300)
+    points = torch.as_tensor(centres[truth] + rng.normal(size=(900, 4)), dtype=torch.float32)
+    labels = cluster_features(points, min_cluster_spikes=20, bimodality_threshold=0.5, seed=0).numpy()
+    assert len(np.unique(labels[labels >= 0])) == 3
+    purity = sum(np.bincount(labels[truth == k][labels[truth == k] >= 0]).max() for k in range(3)) / 900
+    assert purity > 0.97
+
+
+def test_clustering_subset_is_bounded_per_channel():
+    reservoir = _Reservoir(cap=50, num_channels=2, seed=0)
+    for batch in range(40):
+        channels = np.arange(100) % 2
+        reservoir.add(np.arange(100) + 100 * batch, channels, np.zeros((100, 1, 1), np.float32))
+    subset = reservoir.subset()
+    assert subset.detected == 4000
+    assert np.bincount(subset.channels).tolist() == [50, 50]
+    assert np.all(np.diff(subset.samples) > 0)
+    assert subset.samples.min() < 1000 and subset.samples.max() > 3000  # drawn from the whole recording
+
+
+def test_quality_metrics_equal_spikeinterface_definitions():
+    from spikeinterface.metrics.quality.misc_metrics import isi_violations, presence_ratio
+
+    rng = np.random.default_rng(2)
+    num_samples = int(150 * FS)
+    trains = [np.sort(rng.choice(num_samples, n, replace=False)) for n in (300, 1500)]
+    samples = np.concatenate(trains)
+    units = np.repeat([0, 1], [300, 1500])
+    order = np.argsort(samples, kind="stable")
+    samples, units = samples[order], units[order]
+    waveforms = UnitWaveforms(np.zeros((2, 5, 3), np.float32), np.zeros((2, 5, 3), np.float32),
+                              np.array([0, 2]), np.array([-50.0, -80.0]))
+    metrics = quality_metrics(samples, units, 2, num_samples, FS, np.full(len(samples), -40.0), waveforms,
+                              np.array([10.0, 1.0, 20.0]), refractory_ms=1.5, presence_bin_s=60.0)
+    edges = np.arange(0, num_samples // int(60 * FS) * int(60 * FS) + 1, int(60 * FS))
+    for unit, train in enumerate(trains):
+        assert metrics["firing_rate"][unit] == pytest.approx(len(train) / 150.0)
+        ratio, _, _ = isi_violations([train / FS], 150.0, isi_threshold_s=0.0015)
+        assert metrics["isi_violations_ratio"][unit] == pytest.approx(ratio)
+        assert metrics["presence_ratio"][unit] == pytest.approx(presence_ratio(train, bin_edges=edges))
+    np.testing.assert_allclose(metrics["snr"], [5.0, 4.0])
+    np.testing.assert_allclose(metrics["amplitude_median"], [-40.0, -40.0])
+
+
+def test_a_silent_recording_gives_no_units_and_says_why():
+    source = ArraySource(np.random.default_rng(0).normal(size=(int(2 * FS), 4)).astype(np.float32), FS)
+    result = sort_traces(source, np.array([[0, 0], [0, 20], [0, 40], [0, 60]], dtype=float), SortingParams())
+    assert result.num_units == 0 and len(result.spike_samples) == 0
+    assert "crossed the sorting threshold" in result.nothing_found
+
+
+def test_sorting_refuses_positions_that_do_not_match_the_channels():
+    source = ArraySource(np.zeros((100, 4), np.float32), FS)
+    with pytest.raises(BadInputError, match="channel_positions_um"):
+        sort_traces(source, np.zeros((3, 2)), SortingParams())
+
+
+@pytest.fixture(scope="module")
+def ground_truth(tmp_path_factory):
+    """SpikeInterface ground truth (32 channels, 60 s, 10 units, seeded), preprocessed by our stage."""
+    import spikeinterface.core as sc
+
+    from nwbflow.ephys.preprocess import preprocess_to_binary
+    from nwbflow.evaluation import RecordingSource
+
+    recording, truth = sc.generate_ground_truth_recording(
+        durations=[60.0], sampling_frequency=FS, num_channels=32, num_units=10, seed=1,
+        generate_probe_kwargs={"num_columns": 2, "xpitch": 20, "ypitch": 20, "contact_shapes": "circle",
+                               "contact_shape_params": {"radius": 6}})
+    positions = recording.get_channel_locations()
+    out = tmp_path_factory.mktemp("sorting") / "preprocessed.bin"
+    result = preprocess_to_binary(RecordingSource(recording), PreprocessParams(), out,
+                                  channel_positions_um=positions)
+    return open_binary(result.out_path, result.num_channels, FS, dtype=result.dtype), positions, truth
+
+
+def test_sorting_recovers_ground_truth_units(ground_truth, device):
+    """At least 8 of 10 units with accuracy >= 0.8 (SpikeInterface's comparison, 0.4 ms tolerance).
+
+    The issue's bar; on this seed every unit is above threshold (peak >= 4.4 noise SDs on the
+    whitened traces) and all 10 are found on the CPU (measured: 10/10, no false positive).
+    """
+    import spikeinterface.core as sc
+    from spikeinterface.comparison import compare_sorter_to_ground_truth
+
+    source, positions, truth = ground_truth
+    result = sort_traces(source, positions, SortingParams(), device=device)
+    sorting = sc.NumpySorting.from_samples_and_labels([result.spike_samples], [result.spike_units], FS)
+    comparison = compare_sorter_to_ground_truth(truth, sorting, exhaustive_gt=True)
+    assert len(comparison.get_well_detected_units(well_detected_score=0.8)) >= 8
+    assert comparison.count_false_positive_units() <= 1
+    assert result.templates.shape[1:] == (61, 32) and len(result.template_units) == len(result.templates)
+
+
+def test_an_uninstalled_spikeinterface_sorter_is_refused_clearly(monkeypatch, tmp_path):
+    from nwbflow.tasks import sorters
+
+    monkeypatch.setattr(sorters, "installed_spikeinterface_sorters", lambda: ["simple"])
+    with pytest.raises(BadInputError, match="'kilosort4' is not installed here.*installed: simple"):
+        sorters.run_spikeinterface_sorter("any.nwb", "acquisition/x", SortingParams(sorter="kilosort4"), tmp_path)
+
+
+def test_a_spikeinterface_sorter_runs_on_the_series_through_our_reader(small_session, tmp_path):
+    """The registry's SpikeInterface path: our reader as a SpikeInterface recording, the sorter, back."""
+    from nwbflow.nwb_io.read import open_session
+    from nwbflow.tasks.sorters import run_spikeinterface_sorter
+
+    with open_session(small_session) as session:
+        series = session.select_ephys(None)
+        object_path, num_samples = series.object_path, series.num_samples
+    samples, units, count = run_spikeinterface_sorter(str(small_session), object_path,
+                                                      SortingParams(sorter="simple"), tmp_path / "si")
+    assert count >= 3 and len(samples) == len(units) > 100
+    assert np.all(np.diff(samples) >= 0) and samples.max() < num_samples and set(units) <= set(range(count))
