@@ -83,3 +83,11 @@ def test_synth_writes_session_and_ground_truth(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     from nwbflow.synth import load_ground_truth
     assert load_ground_truth(out).ephys_sample_index.size > 0
+
+
+def test_every_stage_name_says_which_data_it_needs():
+    from nwbflow.params import STAGE_ORDER
+    from nwbflow.tasks.plan import BUILT_STAGES, STAGE_NEEDS
+
+    assert set(BUILT_STAGES) == set(STAGE_ORDER)
+    assert all(BUILT_STAGES[need] == BUILT_STAGES[stage] for stage, needs in STAGE_NEEDS.items() for need in needs)

@@ -16,7 +16,7 @@ from nwbflow.tasks.provenance import SeriesInput
 
 log = logging.getLogger(__name__)
 
-#: Stages built so far, with the data they need ("ephys" or "ophys").
+#: Every stage, with the data it needs ("ephys" or "ophys").
 BUILT_STAGES: dict[str, str] = {"preprocess": "ephys", "peaks": "ephys", "motion": "ephys", "sorting": "ephys",
                                  "calcium": "ophys"}
 #: Stages a stage cannot run without (their artifacts feed it).
@@ -40,7 +40,7 @@ class SessionPlan:
 def check_input(nwb_path: str | Path, params: SessionParams) -> tuple[tuple[str, ...], str | None]:
     """Open the input read-only and decide (stages, ElectricalSeries object path); cheap.
 
-    Raises BadInputError for an unreadable file, unbuilt or inapplicable
+    Raises BadInputError for an unreadable file, inapplicable
     stages and an ambiguous or missing series. Used by the CLI before it
     starts Prefect, and by ``plan_session``.
     """
@@ -115,10 +115,6 @@ def _resolve_stages(requested: tuple[str, ...] | None, content: dict[str, bool],
                 f"built stages: {', '.join(BUILT_STAGES)})", path=path,
                 fix="give a file with an ElectricalSeries or a RoiResponseSeries")
     else:
-        unbuilt = [s for s in requested if s not in BUILT_STAGES]
-        if unbuilt:
-            raise BadInputError(f"stage(s) {', '.join(unbuilt)} are not available in this nwbflow version",
-                                path=path, fix=f"choose among {', '.join(BUILT_STAGES)}")
         missing = [s for s in requested if not content[BUILT_STAGES[s]]]
         if missing:
             raise BadInputError(f"stage(s) {', '.join(missing)} need data the file does not hold",

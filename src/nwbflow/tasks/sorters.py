@@ -19,11 +19,18 @@ from nwbflow.params import SORTER_NAMES, SortingParams
 log = logging.getLogger(__name__)
 
 
+#: Modules a sorter needs that SpikeInterface's own installed check does not look for.
+UNCHECKED_REQUIREMENTS: dict[str, tuple[str, ...]] = {"simple": ("numba",)}
+
+
 def installed_spikeinterface_sorters() -> list[str]:
     """Names of the registry's SpikeInterface sorters that can run here (no container)."""
+    from importlib.util import find_spec
+
     from spikeinterface.sorters import installed_sorters
     available = set(installed_sorters())
-    return [name for name in SORTER_NAMES[1:] if name in available]
+    return [name for name in SORTER_NAMES[1:] if name in available
+            and all(find_spec(module) is not None for module in UNCHECKED_REQUIREMENTS.get(name, ()))]
 
 
 def run_spikeinterface_sorter(nwb_path: str, object_path: str, params: SortingParams,
@@ -38,7 +45,7 @@ def run_spikeinterface_sorter(nwb_path: str, object_path: str, params: SortingPa
         raise BadInputError(f"SpikeInterface sorter {params.sorter!r} is not installed here "
                             f"(installed: {', '.join(installed) or 'none'})",
                             fix="choose sorter 'nwbflow' or install the sorter's dependencies "
-                                "(e.g. `pip install hdbscan` for spykingcircus2 / tridesclous2)")
+                                "(`pip install hdbscan` for spykingcircus2 / tridesclous2, numba for simple)")
     recording = NwbSeriesRecording(nwb_path, object_path)
     log.info("running SpikeInterface sorter %s on %s:%s", params.sorter, nwb_path, object_path)
     sorting = run_sorter(params.sorter, recording, folder=str(folder), remove_existing_folder=True, verbose=False,
