@@ -45,7 +45,8 @@ def run_spikeinterface_sorter(nwb_path: str, object_path: str, params: SortingPa
         raise BadInputError(f"SpikeInterface sorter {params.sorter!r} is not installed here "
                             f"(installed: {', '.join(installed) or 'none'})",
                             fix="choose sorter 'nwbflow' or install the sorter's dependencies "
-                                "(`pip install hdbscan` for spykingcircus2 / tridesclous2, numba and scikit-learn for simple)")
+                                "(`pip install hdbscan` for spykingcircus2 / tridesclous2, "
+                                "numba and scikit-learn for simple)")
     recording = NwbSeriesRecording(nwb_path, object_path)
     log.info("running SpikeInterface sorter %s on %s:%s", params.sorter, nwb_path, object_path)
     sorting = run_sorter(params.sorter, recording, folder=str(folder), remove_existing_folder=True, verbose=False,

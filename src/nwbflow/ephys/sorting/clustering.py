@@ -40,7 +40,8 @@ def principal_components(features: torch.Tensor, count: int = NUM_COMPONENTS) ->
     return centred @ vh[: min(count, vh.shape[0])].T
 
 
-def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:
+def kmeans(points: torch.Tensor, k: int, generator: torch.Generator,
+           iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:
     """Labels (n,) int64 in 0..k'-1 (empty clusters removed) of Lloyd's k-means with a k-means++ start."""
     n = points.shape[0]
     k = max(1, min(k, n))
@@ -126,9 +127,9 @@ def _merge_unimodal(points: torch.Tensor, labels: torch.Tensor, min_size: int, t
             if signature in tested:
                 continue
             tested.add(signature)
-            direction = centres[b] - centres[a]
-            projection = points[members] @ direction / direction.norm()
-            left, right = float(centres[a] @ direction / direction.norm()), float(centres[b] @ direction / direction.norm())
+            direction = (centres[b] - centres[a]) / (centres[b] - centres[a]).norm()
+            projection = points[members] @ direction
+            left, right = float(centres[a] @ direction), float(centres[b] @ direction)
             score, cut = dip_split(projection, left, right)
             if score < threshold:
                 labels[members] = ids[a]

@@ -153,7 +153,8 @@ class SpikeSubset:
     ----------
     samples : (n,) int64, recording samples of the troughs
     channels : (n,) int64, peak channels
-    features : (n, R, K) float32 (stored as float16 while streaming), snippet on the peak channel's neighbourhood projected on the basis
+    features : (n, R, K) float32 (float16 while streaming), the snippet on the peak channel's
+        neighbourhood projected on the basis
     detected : int, spikes detected in the whole recording
     """
 

@@ -100,7 +100,8 @@ def merge_duplicates(templates: Templates, counts: torch.Tensor, min_similarity:
         return torch.arange(templates.num_units, device=counts.device)
     close = similarity(templates, max_lag) >= min_similarity
     norms = templates.squared_norms().sqrt()
-    ratio = torch.maximum(norms[:, None], norms[None, :]) / torch.minimum(norms[:, None], norms[None, :]).clamp(min=1e-12)
+    larger, smaller = torch.maximum(norms[:, None], norms[None, :]), torch.minimum(norms[:, None], norms[None, :])
+    ratio = larger / smaller.clamp(min=1e-12)
     close &= ratio < max_norm_ratio
     alive = torch.ones(templates.num_units, dtype=torch.bool, device=counts.device)
     for unit in torch.argsort(counts, descending=True).tolist():
