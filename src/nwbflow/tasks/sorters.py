@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 #: Modules a sorter needs that SpikeInterface's own installed check does not look for.
-UNCHECKED_REQUIREMENTS: dict[str, tuple[str, ...]] = {"simple": ("numba", "sklearn")}
+UNCHECKED_REQUIREMENTS: dict[str, tuple[str, ...]] = {"simple": ("numba", "sklearn", "hdbscan")}
 
 
 def installed_spikeinterface_sorters() -> list[str]:
@@ -46,7 +46,7 @@ def run_spikeinterface_sorter(nwb_path: str, object_path: str, params: SortingPa
                             f"(installed: {', '.join(installed) or 'none'})",
                             fix="choose sorter 'nwbflow' or install the sorter's dependencies "
                                 "(`pip install hdbscan` for spykingcircus2 / tridesclous2, "
-                                "numba and scikit-learn for simple)")
+                                "numba, scikit-learn and hdbscan for simple)")
     recording = NwbSeriesRecording(nwb_path, object_path)
     log.info("running SpikeInterface sorter %s on %s:%s", params.sorter, nwb_path, object_path)
     sorting = run_sorter(params.sorter, recording, folder=str(folder), remove_existing_folder=True, verbose=False,
