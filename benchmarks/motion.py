@@ -55,14 +55,13 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-from _measure import peak_rss_mb
+from _measure import child_env, peak_rss_mb, run_child
 
 RATE_HZ = 30_000.0
 SEED = 0
@@ -391,14 +390,7 @@ def measure(row: str, args: argparse.Namespace) -> dict:
                args.data_dir, "--reference-steps", str(args.reference_steps), "--tile-to-s", str(args.tile_to_s)]
     if args.ours_steps is not None:
         command += ["--ours-steps", str(args.ours_steps)]
-    env = dict(os.environ, **{name: str(args.threads) for name in
-                              ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")})
-    if args.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{row} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(command, row, child_env(args.threads, args.device))
 
 
 def main() -> None:

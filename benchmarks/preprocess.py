@@ -25,13 +25,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from _measure import peak_rss_mb
+from _measure import peak_rss_mb, run_child
 
 NUM_CHANNELS = 384
 RATE_HZ = 30_000.0
@@ -198,10 +197,7 @@ def measure(row: str, duration_s: float, threads: int, device: str, data_dir: Pa
     for path in stale:
         path.unlink(missing_ok=True)  # a row never pays for truncating an earlier row's output
     os.sync()
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{row} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(command, row)
 
 
 def main() -> None:

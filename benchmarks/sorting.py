@@ -60,7 +60,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
-from _measure import peak_rss_mb
+from _measure import child_env, peak_rss_mb
 from motion import drift_kwargs  # the same drift as the motion benchmark
 
 RATE_HZ = 30_000.0
@@ -317,12 +317,9 @@ def measure(recording: str, row: str, args: argparse.Namespace) -> dict:
                str(args.duration_s), "--num-units", str(args.num_units), "--num-channels", str(args.num_channels),
                "--threads", str(args.threads), "--device", args.device, "--data-dir", args.data_dir,
                "--ours-until", args.ours_until] + (["--keep-outputs"] if args.keep_outputs else [])
-    env = dict(os.environ, **{name: str(args.threads) for name in
-                              ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")})
-    if args.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
     try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False, env=env,
+        result = subprocess.run(command, capture_output=True, text=True, check=False,
+                                env=child_env(args.threads, args.device),
                                 timeout=args.timeout_s)
     except subprocess.TimeoutExpired:
         return {"recording": recording, "row": row, "failed": f"did not finish in {args.timeout_s:.0f} s"}
