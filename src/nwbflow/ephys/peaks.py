@@ -105,6 +105,13 @@ def noise_mad(binary_path: str | Path, num_channels: int, *, chunk_samples: int,
 def source_noise_mad(source: TraceSource, *, chunk_samples: int, num_chunks: int = 20, seed: int = 0,
                      device: torch.device | str = "cpu") -> np.ndarray:
     """:func:`noise_mad` of any :class:`TraceSource` (same sampling, same medians)."""
+    levels = chunk_noise_mads(source, chunk_samples=chunk_samples, num_chunks=num_chunks, seed=seed, device=device)
+    return _median(levels).cpu().numpy()
+
+
+def chunk_noise_mads(source: TraceSource, *, chunk_samples: int, num_chunks: int = 20, seed: int = 0,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """(C, chunks) float64: each sampled chunk's per-channel ``MAD / 0.6745`` (seeded chunks, in time order)."""
     device = torch.device(device)
     num_channels = source.num_channels
     ranges = sample_chunk_ranges(source.num_samples, chunk_samples, num_chunks, seed)
@@ -114,7 +121,7 @@ def source_noise_mad(source: TraceSource, *, chunk_samples: int, num_chunks: int
     for i, (start, end) in enumerate(ranges):
         traces = torch.from_numpy(source.get_traces(int(start), int(end))).to(device).T.contiguous()  # (C, T)
         levels[:, i] = _median((traces - _median(traces).unsqueeze(1)).abs()) / MAD_TO_STD
-    return _median(levels).cpu().numpy()
+    return levels
 
 
 def _median(values: torch.Tensor) -> torch.Tensor:

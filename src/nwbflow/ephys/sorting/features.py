@@ -23,7 +23,7 @@ import torch
 from nwbflow.device import OomBackoff
 from nwbflow.ephys.chunks import ProgressFn, TraceSource, chunk_ranges, read_window, sample_chunk_ranges
 from nwbflow.ephys.localize import neighbour_table
-from nwbflow.ephys.peaks import MAD_TO_STD, DetectionTables, first_of_ties, neighbourhood_maxima
+from nwbflow.ephys.peaks import DetectionTables, chunk_noise_mads, first_of_ties, neighbourhood_maxima
 from nwbflow.errors import BadInputError
 from nwbflow.params import PeakParams, SortingParams
 
@@ -262,25 +262,24 @@ def noise_autocorrelation(scaled: ScaledSource, geometry: SnippetGeometry, chunk
 
 #: Quantile over sampled chunks of each channel's per-chunk noise level (see robust_noise_levels).
 NOISE_CHUNK_QUANTILE = 0.8
+#: Chunks sampled for the noise levels, and their length (s).
+NOISE_CHUNKS, NOISE_CHUNK_S = 20, 0.33
 
 
-def robust_noise_levels(source: TraceSource, chunk_samples: int, num_chunks: int, seed: int) -> np.ndarray:
-    """(C,) per-channel noise level (source units): per sampled chunk MAD / 0.6745, then the
-    :data:`NOISE_CHUNK_QUANTILE` quantile over chunks.
+def robust_noise_levels(source: TraceSource, seed: int) -> np.ndarray:
+    """(C,) per-channel noise level (source units): each of :data:`NOISE_CHUNKS` sampled chunks'
+    MAD / 0.6745 (``peaks.chunk_noise_mads``), then the :data:`NOISE_CHUNK_QUANTILE` quantile over chunks.
 
     Motion correction attenuates a channel while its corrected position lies off the probe (its
     interpolation weights vanish there); a median over chunks would take that quiet level for the
     channel's noise and flood it with false detections whenever it is not attenuated. A channel
     that is constant everywhere gets the median level of the others.
     """
-    ranges = sample_chunk_ranges(source.num_samples, max(chunk_samples, 1), num_chunks, seed)
-    if len(ranges) == 0:
+    if source.num_samples == 0:
         raise BadInputError("cannot estimate the noise of an empty recording")
-    levels = []
-    for start, end in ranges:
-        traces = source.get_traces(int(start), int(end))
-        levels.append(np.median(np.abs(traces - np.median(traces, axis=0)), axis=0) / MAD_TO_STD)
-    noise = np.quantile(np.stack(levels), NOISE_CHUNK_QUANTILE, axis=0)
+    levels = chunk_noise_mads(source, chunk_samples=max(int(round(NOISE_CHUNK_S * source.sampling_rate_hz)), 1),
+                              num_chunks=NOISE_CHUNKS, seed=seed)
+    noise = torch.quantile(levels, NOISE_CHUNK_QUANTILE, dim=1).numpy()
     usable = np.isfinite(noise) & (noise > 0)
     if not usable.any():
         raise NothingToSort("every channel of the recording is constant")

@@ -83,7 +83,7 @@ def unit_waveforms(source: UnwhitenedSource, spike_samples: np.ndarray, spike_un
 
 def filtered_noise_uv(source: UnwhitenedSource, seed: int) -> np.ndarray:
     """(C,) robust noise level (MAD / 0.6745, :func:`robust_noise_levels`) of the unwhitened traces, µV."""
-    return robust_noise_levels(source, int(round(0.33 * source.sampling_rate_hz)), 20, seed)
+    return robust_noise_levels(source, seed)
 
 
 def quality_metrics(spike_samples: np.ndarray, spike_units: np.ndarray, num_units: int, num_samples: int,

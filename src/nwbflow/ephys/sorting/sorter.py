@@ -33,8 +33,6 @@ from nwbflow.params import SortingParams
 
 log = logging.getLogger(__name__)
 
-#: Chunks (and their length, s) sampled for the noise levels.
-NOISE_CHUNKS, NOISE_CHUNK_S = 20, 0.33
 #: Largest shift (ms) at which two templates are compared for duplicates and merges.
 MERGE_MAX_LAG_MS = 0.25
 
@@ -127,7 +125,7 @@ def _sort(source: TraceSource, positions: np.ndarray, params: SortingParams, dev
     fs = float(source.sampling_rate_hz)
     geometry = SnippetGeometry.of(params, fs)
     chunk_samples = max(int(round(params.chunk_duration_s * fs)), 8 * geometry.width)
-    noise = robust_noise_levels(source, int(round(NOISE_CHUNK_S * fs)), NOISE_CHUNKS, params.seed) \
+    noise = robust_noise_levels(source, params.seed) \
         if noise is None else np.asarray(noise, dtype=np.float64)
     scaled = ScaledSource(source, noise, device)
     passes = _PassProgress(progress, source.num_samples, 2 + params.template_update_passes)
