@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 
 import pytest
 
 from conftest import FAST_MOTION, sha256_of
 from nwbflow.errors import NwbflowError
-from nwbflow.flows.nightly import LEDGER, nightly
+from nwbflow.flows import nightly as nightly_module
+from nwbflow.flows.nightly import LEDGER, nightly, read_ledger, record_in_ledger
+from nwbflow.locks import output_lock
 from nwbflow.params import SessionParams
 from nwbflow.synth import SynthConfig, write_synthetic_session
 
 PARAMS = SessionParams(device="cpu", motion=FAST_MOTION)
+CHEAP = SessionParams(device="cpu", stages=("preprocess", "peaks"))
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +100,76 @@ def test_invalid_session_override_names_the_file(tmp_path):
     (tmp_path / "s.nwbflow.yaml").write_text("peaks:\n  threshold_mad: -1\n")
     with pytest.raises(BadInputError, match="s.nwbflow.yaml"):
         session_params(nwb, PARAMS)
+
+
+@pytest.fixture
+def two_sessions(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    for index, name in enumerate(("a", "b")):
+        write_synthetic_session(root / f"{name}.nwb", SynthConfig(duration_s=2.0, num_channels=8, num_units=3,
+                                                                  ophys=False, seed=20 + index))
+    return root
+
+
+def test_a_session_another_run_holds_is_left_to_it_not_failed(prefect_server, two_sessions):
+    """A session whose output another run is writing is reported busy; the next run does it, once."""
+    out_dir = two_sessions / "processed"
+    out_dir.mkdir()
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():
+        with output_lock(out_dir / "b_processed.nwb"):
+            held.set()
+            release.wait(120)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert held.wait(60)
+        state = nightly(str(two_sessions), params=CHEAP, return_state=True)
+    finally:
+        release.set()
+        thread.join(60)
+    assert state.is_completed()
+    first = state.result()
+    assert (first["processed"], first["busy"], first["failed"]) == (["a.nwb"], ["b.nwb"], [])
+    assert sorted(read_ledger(out_dir)) == ["a.nwb"] and not (out_dir / "b_processed.nwb").exists()
+    second = nightly(str(two_sessions), params=CHEAP)
+    assert (second["processed"], second["skipped"], second["busy"]) == (["b.nwb"], ["a.nwb"], [])
+
+
+def test_a_session_finished_by_another_run_meanwhile_is_not_redone(prefect_server, two_sessions, monkeypatch):
+    """The ledger is read again once the session is claimed: a run that finished it since the first look wins."""
+    nightly(str(two_sessions), params=CHEAP)
+    looks = []
+    real_up_to_date = nightly_module._up_to_date
+
+    def first_look_before_the_other_run_recorded(*args):
+        looks.append(args[1])
+        return False if looks.count(args[1]) == 1 else real_up_to_date(*args)
+
+    def process_session(*_args, **_kwargs):
+        raise AssertionError("processed a session another run had recorded")
+
+    monkeypatch.setattr(nightly_module, "_up_to_date", first_look_before_the_other_run_recorded)
+    monkeypatch.setattr(nightly_module, "process_session", process_session)
+    outcome = nightly(str(two_sessions), params=CHEAP)
+    assert (outcome["processed"], outcome["skipped"]) == ([], ["a.nwb", "b.nwb"])
+    assert looks == ["a.nwb", "a.nwb", "b.nwb", "b.nwb"]
+
+
+def test_ledger_updates_from_concurrent_runs_are_all_kept(tmp_path):
+    """Read-modify-write under the ledger's lock: no run's entry is lost to another's write."""
+
+    def one_run(name: str) -> None:
+        for index in range(25):
+            record_in_ledger(tmp_path, f"{name}/{index}.nwb", {"key": name})
+
+    threads = [threading.Thread(target=one_run, args=(name,)) for name in "abcd"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    ledger = read_ledger(tmp_path)
+    assert len(ledger) == 100 and {entry["key"] for entry in ledger.values()} == set("abcd")

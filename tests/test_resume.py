@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from prefect import flow
+from prefect.settings import PREFECT_API_URL
 
 from conftest import FAST_MOTION, sha256_of
 from nwbflow.errors import BadInputError, StageTimeoutError
@@ -52,6 +54,7 @@ def test_killed_run_resumes_recomputing_only_unfinished_stages(prefect_server, l
     out, workdir = tmp_path / "out.nwb", tmp_path / "work"
     runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(long_session), str(out), str(workdir),
                                PARAMS.model_dump_json()],
+                              env=dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value()),  # the tests' server
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     try:

@@ -3,7 +3,9 @@
 Exit codes (a contract): 0 success, 2 bad input (one line naming file,
 object and fix; a traceback only with ``--debug``), 1 any other failure;
 ``dandi-prep`` exits 3 when it ran but some file would be refused by
-``dandi upload`` (the report says which and how to fix it).
+``dandi upload`` (the report says which and how to fix it); ``run`` exits 4
+when another nwbflow run is writing the same output (its lock file is held):
+nothing was done, try again once that run ended or choose another output.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ import traceback
 from pathlib import Path
 
 from nwbflow import __version__
-from nwbflow.errors import BadInputError
+from nwbflow.errors import BadInputError, OutputBusyError
 from nwbflow.params import STAGE_ORDER
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_BLOCKED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_BLOCKED, EXIT_BUSY = 0, 1, 2, 3, 4
 
 
 def main(argv: list[str] | None = None) -> int:
     # Library logs (logging.getLogger("nwbflow...")) go to Prefect's handlers and the UI.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nwbflow")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry errors
     parser = _parser()
     args = parser.parse_args(argv)
     if not args.debug and args.command in ("run", "nightly", "dandi-prep", "demo"):
@@ -37,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"nwbflow: bad input: {exc.one_line()}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OutputBusyError as exc:
+        print(f"nwbflow: busy: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     except KeyboardInterrupt:
         print("nwbflow: interrupted", file=sys.stderr)
         return EXIT_FAILURE
@@ -125,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from nwbflow.flows.session import process_session
+    from nwbflow.flows.session import check_output, process_session
     from nwbflow.params import load_session_params
     from nwbflow.report import stage_table
     from nwbflow.tasks.plan import check_input
@@ -134,6 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     params = load_session_params(args.params, stages=stages, device=args.device)
     input_path = Path(args.input)
     check_input(input_path, params)  # bad input fails here, before Prefect starts
+    check_output(input_path, args.output)
     summary = process_session(str(input_path), args.output, params, args.workdir)
     print(stage_table(summary))
     return EXIT_OK
@@ -146,7 +153,8 @@ def _nightly(args: argparse.Namespace) -> int:
     params = load_session_params(args.params)
     data_root(args.root)  # bad input fails here, before Prefect starts
     outcome = nightly(args.root, args.out, params, args.workdir)
-    print(f"processed {len(outcome['processed'])}, skipped {len(outcome['skipped'])} (unchanged)")
+    print(f"processed {len(outcome['processed'])}, skipped {len(outcome['skipped'])} (unchanged), "
+          f"busy {len(outcome['busy'])} (being processed by another run)")
     return EXIT_OK
 
 
@@ -228,11 +236,9 @@ class _DropTraceback(logging.Filter):
 
 
 def _hide_tracebacks() -> None:
-    import prefect  # noqa: F401  (configures Prefect's handlers, which we then filter)
-
+    # On the loggers, not their handlers: Prefect attaches its handlers only when a flow starts.
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(_DropTraceback())
+        logging.getLogger(name).addFilter(_DropTraceback())
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ class BadInputError(NwbflowError):
         self.fix = fix
         super().__init__(self.one_line())
 
+    def __reduce__(self):  # raised in a child process (the NWB export), re-raised whole in the parent
+        return _rebuild_bad_input, (self.message, self.path, self.obj, self.fix)
+
     def one_line(self) -> str:
         """The error as one line: ``file: object: message. Fix: ...``."""
         where = ": ".join(part for part in (self.path, self.obj) if part)
@@ -42,9 +45,34 @@ class BadInputError(NwbflowError):
         return text
 
 
+def _rebuild_bad_input(message: str, path: str | None, obj: str | None, fix: str | None) -> BadInputError:
+    return BadInputError(message, path=path, obj=obj, fix=fix)
+
+
 class TransientError(NwbflowError):
     """A failure that may pass on retry (I/O, out of device memory)."""
 
 
 class StageTimeoutError(NwbflowError):
     """A stage ran past its ``stage_timeout_s``; not retried (a retry would take as long)."""
+
+
+class OutputWriteError(NwbflowError):
+    """Writing an output failed (disk full, quota, I/O error); nothing partial was left, the input is unchanged."""
+
+
+class OutputBusyError(NwbflowError):
+    """Another nwbflow run holds the output's lock: nothing was done; not retried (CLI exit code 4).
+
+    Parameters
+    ----------
+    output : the output file asked for.
+    lock_file : its lock file (``.<name>.nwbflow.lock`` beside it).
+    holder : the holder's note ("pid 123 on host since ..."), "" when unknown.
+    """
+
+    def __init__(self, output: str | Path, lock_file: str | Path, holder: str = ""):
+        self.output, self.lock_file, self.holder = str(output), str(lock_file), holder
+        held_by = f", held by {holder}" if holder else ""
+        super().__init__(f"another nwbflow run is writing {output} (lock file {lock_file}{held_by}); "
+                         "wait for it or choose another output")

@@ -7,6 +7,13 @@ output is gone. What was done is recorded in ``<out_dir>/.nwbflow-nightly.json``
 (written atomically after each session), so a crashed night resumes where it
 stopped; failures do not stop the other sessions, and the run ends Failed
 naming them.
+
+Several nightly runs over one root at once (two workers, an overlapping
+schedule) process each session once in total: a run claims a session by its
+output's lock (the one ``process_session`` holds), re-reads the ledger under
+the claim, and records the session before letting go; a session another run
+holds is reported "busy" and left to it. The ledger is updated as a
+read-modify-write under ``.nwbflow-nightly.lock``, so no run's entries are lost.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
@@ -25,8 +33,9 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from nwbflow import __version__
-from nwbflow.errors import BadInputError, NwbflowError
+from nwbflow.errors import BadInputError, NwbflowError, OutputBusyError
 from nwbflow.flows.session import process_session
+from nwbflow.locks import exclusive_lock, output_lock
 from nwbflow.params import SessionParams
 from nwbflow.tasks.artifacts import save_json
 from nwbflow.tasks.caching import file_identity
@@ -34,6 +43,7 @@ from nwbflow.tasks.caching import file_identity
 log = logging.getLogger(__name__)
 
 LEDGER = ".nwbflow-nightly.json"
+LEDGER_LOCK = ".nwbflow-nightly.lock"
 OVERRIDE_SUFFIX = ".nwbflow.yaml"
 OUTPUT_SUFFIX = "_processed.nwb"
 DEFAULT_OUT_DIR = "processed"
@@ -108,23 +118,22 @@ def nightly(root: Annotated[str, Field(min_length=1)], out_dir: str | None = Non
         workdir: Folder for intermediate artifacts; default: `<out_dir>/.nwbflow-work`.
 
     Returns:
-        The sessions processed, skipped (unchanged) and failed.
+        The sessions (paths relative to the root) processed, skipped (unchanged), busy (being processed by
+        another run at the time; left to it) and failed (with the error).
     """
     root_path = data_root(root)
     out_path = Path(out_dir).resolve() if out_dir else root_path / DEFAULT_OUT_DIR
     out_path.mkdir(parents=True, exist_ok=True)
-    ledger_file = out_path / LEDGER
-    ledger = json.loads(ledger_file.read_text()) if ledger_file.is_file() else {}
-    outcome: dict[str, list] = {"processed": [], "skipped": [], "failed": []}
+    outcome: dict[str, list] = {"processed": [], "skipped": [], "busy": [], "failed": []}
     for nwb_path in find_sessions(root_path, out_path):
         relative = str(nwb_path.relative_to(root_path))
         try:
-            _process_if_changed(root_path, out_path, nwb_path, params, ledger, workdir, outcome)
+            result = _process_if_changed(root_path, out_path, nwb_path, params, workdir)
         except Exception as exc:  # one bad session must not stop the night; reported below
             log.error("session %s failed: %s", relative, exc)
             outcome["failed"].append({"session": relative, "error": f"{type(exc).__name__}: {exc}"})
             continue
-        save_json(ledger_file, ledger)
+        outcome[result].append(relative)
     _publish(outcome)
     if outcome["failed"]:
         names = ", ".join(f["session"] for f in outcome["failed"])
@@ -132,27 +141,55 @@ def nightly(root: Annotated[str, Field(min_length=1)], out_dir: str | None = Non
     return outcome
 
 
-def _process_if_changed(root: Path, out_dir: Path, nwb_path: Path, base: SessionParams, ledger: dict,
-                        workdir: str | None, outcome: dict) -> None:
+def _process_if_changed(root: Path, out_dir: Path, nwb_path: Path, base: SessionParams,
+                        workdir: str | None) -> str:
+    """Process one session unless it is up to date or another run holds it: "processed", "skipped" or "busy"."""
     relative = str(nwb_path.relative_to(root))
     params = session_params(nwb_path, base)
     key, target = session_key(nwb_path, params), output_for(root, out_dir, nwb_path)
-    entry = ledger.get(relative)
-    if entry and entry["key"] == key and target.is_file():
-        outcome["skipped"].append(relative)
-        return
+    if _up_to_date(out_dir, relative, key, target):
+        return "skipped"
     target.parent.mkdir(parents=True, exist_ok=True)
-    process_session(str(nwb_path), str(target), params, workdir or str(out_dir / ".nwbflow-work"))
-    ledger[relative] = {"key": key, "output": str(target), "nwbflow": __version__,
-                        "processed_utc": datetime.now(timezone.utc).isoformat(),
-                        "flow_run_id": str(flow_run.id or "")}
-    outcome["processed"].append(relative)
+    with ExitStack() as claim:
+        try:
+            claim.enter_context(output_lock(target))  # process_session takes it again (nested, same thread)
+        except OutputBusyError as exc:
+            log.warning("session %s is being processed by another run; left to it (%s)", relative, exc)
+            return "busy"
+        if _up_to_date(out_dir, relative, key, target):  # another run finished it since the first look
+            return "skipped"
+        process_session(str(nwb_path), str(target), params, workdir or str(out_dir / ".nwbflow-work"))
+        record_in_ledger(out_dir, relative, {"key": key, "output": str(target), "nwbflow": __version__,
+                                             "processed_utc": datetime.now(timezone.utc).isoformat(),
+                                             "flow_run_id": str(flow_run.id or "")})
+    return "processed"
+
+
+def read_ledger(out_dir: Path) -> dict:
+    """The ledger: session (path relative to the root) -> key, output, version, time, flow run id."""
+    ledger_file = out_dir / LEDGER
+    return json.loads(ledger_file.read_text()) if ledger_file.is_file() else {}
+
+
+def _up_to_date(out_dir: Path, relative: str, key: str, target: Path) -> bool:
+    entry = read_ledger(out_dir).get(relative)  # the ledger is replaced atomically: a read sees a whole version
+    return bool(entry) and entry["key"] == key and target.is_file()
+
+
+def record_in_ledger(out_dir: Path, relative: str, entry: dict) -> None:
+    """Add one session's entry to the ledger: re-read, update, write, under the ledger's lock."""
+    with exclusive_lock(out_dir / LEDGER_LOCK):
+        ledger = read_ledger(out_dir)
+        ledger[relative] = entry
+        save_json(out_dir / LEDGER, ledger)
 
 
 def _publish(outcome: dict) -> None:
     rows = ([{"session": s, "result": "processed", "error": ""} for s in outcome["processed"]]
             + [{"session": s, "result": "skipped (unchanged)", "error": ""} for s in outcome["skipped"]]
+            + [{"session": s, "result": "busy (another run was processing it)", "error": ""}
+               for s in outcome["busy"]]
             + [{"session": f["session"], "result": "failed", "error": f["error"]} for f in outcome["failed"]])
     create_table_artifact(table=rows, key="nightly-sessions", description="Sessions seen by the nightly run")
-    log.info("nightly: %d processed, %d skipped, %d failed", len(outcome["processed"]),
-             len(outcome["skipped"]), len(outcome["failed"]))
+    log.info("nightly: %d processed, %d skipped, %d busy, %d failed", len(outcome["processed"]),
+             len(outcome["skipped"]), len(outcome["busy"]), len(outcome["failed"]))

@@ -8,9 +8,11 @@ read-only and nothing is ever written.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -34,6 +36,32 @@ CORE_PARENTS = {
 CONVERT_FIX = "re-export the file with a current NWB writer (pynwb, NeuroConv, MatNWB)"
 CORRUPT_FIX = ("re-copy or re-download the file, comparing its size and checksum with the "
                "source")
+#: What h5py raises when HDF5 cannot decode a file's bytes (it maps HDF5's error classes to these).
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+
+
+def is_io_failure(exc: BaseException) -> bool:
+    """Whether an h5py error is the operating system failing a read (EIO, a network file system
+    hiccup: a retry may pass), not bytes that cannot be decoded (corruption: a retry cannot)."""
+    return isinstance(exc, OSError) and (exc.errno is not None or "errno" in str(exc))
+
+
+@contextlib.contextmanager
+def decoding(path: Path, obj: str | None = None) -> Iterator[None]:
+    """The reader's boundary: an h5py failure inside becomes a BadInputError naming the file and object.
+
+    Corrupt bytes make h5py raise any of ``H5_ERRORS`` wherever the reader
+    looks; an operating-system read failure is left as it is (a retry may
+    pass).
+    """
+    try:
+        yield
+    except H5_ERRORS as exc:
+        if is_io_failure(exc):
+            raise
+        raise BadInputError(f"cannot be decoded: the file is corrupt here, or not laid out as NWB "
+                            f"specifies ({type(exc).__name__}: {exc})", path=path, obj=obj,
+                            fix=CORRUPT_FIX) from exc
 
 
 def text(value) -> str:
@@ -191,18 +219,33 @@ def _collect_parents(spec: object, parents: dict[str, str]) -> None:
 
 
 def typed_groups(h5file: h5py.File, path: Path) -> dict[str, str]:
-    """Every group carrying ``neurodata_type``: object path (no leading '/') -> type."""
+    """Every group carrying ``neurodata_type``: object path (no leading '/') -> type.
+
+    Walks hard links group by group (soft and external links are not
+    followed; an object reached twice is listed once), opening one object at
+    a time, so the BadInputError for a corrupt object names it.
+    """
     found: dict[str, str] = {}
-
-    def visit(name: str, obj: h5py.HLObject) -> None:
-        if isinstance(obj, h5py.Group) and "neurodata_type" in obj.attrs:
-            found[name] = attr_text(obj, "neurodata_type")
-
-    try:
-        h5file.visititems(visit)
-    except (OSError, KeyError, RuntimeError) as exc:
-        raise BadInputError(f"HDF5 structure is corrupt and cannot be listed ({exc})",
-                            path=path, fix=CORRUPT_FIX) from exc
+    seen: set = set()
+    pending: list[tuple[str, h5py.Group]] = [("", h5file)]
+    while pending:  # depth first, in name order, like h5py's visititems
+        prefix, group = pending.pop()
+        with decoding(path, prefix.rstrip("/") or None):
+            names = list(group)  # link names: no child is opened
+        children = []
+        for name in names:
+            where = prefix + name
+            with decoding(path, where):
+                if not isinstance(group.get(name, getlink=True), h5py.HardLink):
+                    continue
+                child = group[name]
+                if not isinstance(child, h5py.Group) or child.id in seen:
+                    continue
+                seen.add(child.id)
+                if "neurodata_type" in child.attrs:
+                    found[where] = attr_text(child, "neurodata_type")
+            children.append((where + "/", child))
+        pending += reversed(children)
     return found
 
 
@@ -254,14 +297,39 @@ def _region_table(dataset: h5py.Dataset, h5file: h5py.File, *, path: Path, obj: 
     ref = dataset.attrs.get("table")
     if isinstance(ref, h5py.Reference) and ref:
         try:
-            return h5file[ref]
+            table = h5file[ref]
         except (ValueError, KeyError) as exc:
             raise BadInputError(f"the region's 'table' reference is broken ({exc})",
                                 path=path, obj=obj, fix=CONVERT_FIX) from exc
+        if table.name is None:  # an object no path leads to: a damaged reference
+            raise BadInputError("the region's 'table' reference points to an unnamed object",
+                                path=path, obj=obj, fix=CORRUPT_FIX)
+        return table
     if default and default in h5file:
         return h5file[default]
     raise BadInputError(f"region has no 'table' reference (and no {default or 'default'})",
                         path=path, obj=obj, fix=CONVERT_FIX)
+
+
+def check_distinct_rows(table: h5py.HLObject, indices: np.ndarray, *, path: Path, obj: str) -> None:
+    """BadInputError unless a region's rows are distinct and carry distinct ids (the table's ``id``).
+
+    Results are written per row and matched back by id (ROIs, units), so two
+    columns of data must never stand for one row or one id.
+    """
+    where = table.name.lstrip("/")
+    rows, counts = np.unique(indices, return_counts=True)
+    if (counts > 1).any():
+        raise BadInputError(f"the region names rows {rows[counts > 1][:5].tolist()} of {where} more than once",
+                            path=path, obj=obj, fix="reference each table row once")
+    if not (isinstance(table, h5py.Group) and isinstance(table.get("id"), h5py.Dataset)):
+        return
+    ids, counts = np.unique(np.asarray(table["id"][()]).reshape(-1)[indices], return_counts=True)
+    if (counts > 1).any():
+        raise BadInputError(f"ids {ids[counts > 1][:5].tolist()} are each shared by several rows of {where} "
+                            "that this series references, so its columns cannot be told apart",
+                            path=path, obj=f"{where}/id", fix="give every row of the table its own id "
+                                                             "(e.g. 0, 1, 2, ...)")
 
 
 def table_rows(table: h5py.HLObject, *, path: Path) -> int:

@@ -7,6 +7,7 @@ positions, each raising BadInputError naming the file, object and fix.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import operator
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ import h5py
 import numpy as np
 
 from nwbflow.errors import BadInputError, TransientError
-from nwbflow.nwb_io._hdf5 import CONVERT_FIX, attr_float, attr_text, table_rows
+from nwbflow.nwb_io._hdf5 import (CONVERT_FIX, CORRUPT_FIX, H5_ERRORS, attr_float, attr_text,
+                                  is_io_failure, table_rows)
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +78,11 @@ def read_clock(group: h5py.Group, num_samples: int, *, path: Path, obj: str) -> 
         raise BadInputError(f"sampling rate must be a positive number of Hz, found {rate}",
                             path=path, obj=f"{obj}/starting_time",
                             fix="write the true sampling rate in starting_time@rate")
-    start_s = float(np.asarray(start[()], dtype=np.float64).reshape(-1)[0])
-    if not np.isfinite(start_s):
-        raise BadInputError(f"starting_time must be finite, found {start_s}", path=path,
-                            obj=f"{obj}/starting_time", fix="write the start time in seconds")
-    return Clock(rate, start_s, None)
+    value = np.asarray(start[()]).reshape(-1)
+    if value.size != 1 or value.dtype.kind not in "iuf" or not np.isfinite(value[0]):
+        raise BadInputError(f"starting_time must be one finite number of seconds, found {value[:3]!r}",
+                            path=path, obj=f"{obj}/starting_time", fix="write the start time in seconds")
+    return Clock(rate, float(value[0]), None)
 
 
 def head_median_interval(timestamps: h5py.Dataset) -> float:
@@ -127,12 +129,114 @@ def check_timestamps(timestamps: h5py.Dataset, *, path: Path, obj: str) -> float
 
 
 def read(dataset: h5py.Dataset, selection: slice, *, path: Path, obj: str) -> np.ndarray:
-    """``dataset[selection]``; an HDF5 read failure becomes a TransientError with context."""
+    """``dataset[selection]``. The operating system failing the read becomes a TransientError
+    (retried); stored bytes that cannot be decoded (a corrupt compressed chunk) a BadInputError."""
     try:
         return dataset[selection]
-    except OSError as exc:
-        raise TransientError(f"{path}: {obj}: reading {dataset.name} failed ({exc}); retry, "
-                             "or check the file's integrity") from exc
+    except H5_ERRORS as exc:
+        if is_io_failure(exc):
+            raise TransientError(f"{path}: {obj}: reading {dataset.name} failed ({exc}); retry, "
+                                 "or check the file's integrity") from exc
+        stop = min(selection.stop, dataset.shape[0])
+        raise BadInputError(f"rows {selection.start}:{stop} of {dataset.name.lstrip('/')} "
+                            f"cannot be decoded, so the file is corrupt ({exc})", path=path, obj=obj,
+                            fix=CORRUPT_FIX) from exc
+
+
+class ValueScan:
+    """Check a series' values block by block, on the pass that hashes them (no extra read).
+
+    Infinities are refused at once. NaN is refused at once too unless
+    ``nan_is_gap`` (ROI traces, where NaN marks missing frames): then NaN is
+    counted, and ``finish`` refuses a column holding no finite value at all.
+    ``finish`` also refuses a series whose every column is constant (flat: no
+    recording, e.g. a disconnected headstage or an all-zero export).
+
+    Parameters
+    ----------
+    num_columns : columns of ``data`` (channels or ROIs; 1 for 1-D data).
+    row, column : what a row and a column are, for messages ("sample", "channel").
+    nan_is_gap : whether NaN marks a missing sample rather than a corrupt one.
+    path, obj : the file and the ``data`` object path, for messages.
+    """
+
+    def __init__(self, num_columns: int, row: str, column: str, *, nan_is_gap: bool, path: Path, obj: str):
+        self.row, self.column, self.nan_is_gap, self.path, self.obj = row, column, nan_is_gap, path, obj
+        self.num_nan = 0
+        self.first_nan: tuple[int, int] | None = None
+        self._low = np.full(num_columns, np.inf)  # per column, over finite values so far
+        self._high = np.full(num_columns, -np.inf)
+
+    def update(self, first_row: int, block: np.ndarray) -> None:
+        """Scan ``block``: rows ``first_row, first_row + 1, ...`` of ``data``."""
+        values = block.reshape(block.shape[0], -1)
+        if values.dtype.kind == "f":
+            self._check_finite(first_row, values)
+        if values.shape[0]:
+            self._low = np.fmin(self._low, np.fmin.reduce(values, axis=0))  # fmin/fmax skip NaN
+            self._high = np.fmax(self._high, np.fmax.reduce(values, axis=0))
+
+    def _check_finite(self, first_row: int, values: np.ndarray) -> None:
+        finite = np.isfinite(values)
+        if finite.all():
+            return
+        bad = np.isinf(values) if self.nan_is_gap else ~finite
+        if bad.any():
+            row, col = (int(i) for i in np.argwhere(bad)[0])
+            raise BadInputError(
+                f"data holds {values[row, col]} at {self.row} {first_row + row}, {self.column} {col} (the first "
+                f"such value); {'infinities' if self.nan_is_gap else 'NaN and infinities'} cannot be processed",
+                path=self.path, obj=self.obj,
+                fix="rewrite the series with finite values (mark a missing frame of ROI traces with NaN)"
+                if self.nan_is_gap else "replace missing samples (e.g. with 0) or cut the recording before "
+                                        "them, then rewrite the series")
+        if self.first_nan is None:
+            row, col = (int(i) for i in np.argwhere(~finite)[0])
+            self.first_nan = (first_row + row, col)
+        self.num_nan += int((~finite).sum())
+
+    def check_scaled(self, gain, offset: float, unit: str) -> None:
+        """BadInputError when ``data * gain + offset`` (``gain`` a number or one per column), the traces as
+        read, leaves the float32 range: a conversion that cannot be right."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            peak = float(np.max(np.maximum(np.abs(self._low), np.abs(self._high)) * np.abs(gain))) + abs(offset)
+        if peak < float(np.finfo(np.float32).max):
+            return
+        raise BadInputError(f"data * conversion + offset reaches {peak:.3g} {unit}, beyond the float32 range "
+                            "of the traces", path=self.path, obj=self.obj,
+                            fix="write data@conversion (and offset) for one stored unit, e.g. 0.195e-6 V per bit")
+
+    def finish(self) -> None:
+        """BadInputError if a column held no finite value or every column is flat; else log NaN gaps."""
+        empty = np.flatnonzero(self._low > self._high)
+        if empty.size:
+            raise BadInputError(f"{self.column}(s) {empty[:10].tolist()}{'...' if empty.size > 10 else ''} hold "
+                                "no finite value (all NaN), so there is nothing to process",
+                                path=self.path, obj=self.obj,
+                                fix="rewrite the series without those columns (and their table rows in the "
+                                    "region), or choose another series")
+        if np.all(self._low == self._high):
+            raise BadInputError(f"every {self.column} is constant (flat, values {np.unique(self._low)[:3].tolist()}): "
+                                "the series holds no recording", path=self.path, obj=self.obj,
+                                fix="pass the series that holds the recording (check the acquisition export)")
+        if self.num_nan:
+            log.warning("%s: %s: %d NaN values (missing %ss), the first at %s %d, %s %d; they are treated "
+                        "as gaps and filled by interpolation over time", self.path, self.obj, self.num_nan,
+                        self.row, self.row, self.first_nan[0], self.column, self.first_nan[1])
+
+
+def content_hash(data: h5py.Dataset, read_rows, scan: ValueScan, block_bytes: int) -> str:
+    """``"sha256:<hex>"`` of ``data``'s dtype, shape and bytes, read with ``read_rows(slice)`` in blocks of
+    about ``block_bytes`` (whole HDF5 chunks, so the digest depends on neither the block size nor the
+    file's chunking or compression); every block also goes through ``scan``."""
+    digest = hashlib.sha256()
+    digest.update(f"dtype={data.dtype.str};shape={data.shape};".encode())
+    rows = block_rows(data, block_bytes)
+    for start in range(0, data.shape[0], rows):
+        block = read_rows(slice(start, start + rows))
+        scan.update(start, block)
+        digest.update(np.ascontiguousarray(block))
+    return "sha256:" + digest.hexdigest()
 
 
 def gather(dataset: h5py.Dataset, indices: np.ndarray, *, path: Path, obj: str) -> np.ndarray:
@@ -182,6 +286,18 @@ def check_columns(region_len: int, shape: tuple, region: str, columns: str, *,
                         fix=f"make '{region}' reference exactly one table row per data column")
 
 
+def conversion_offset(data: h5py.Dataset, *, path: Path, obj: str) -> tuple[float, float]:
+    """``data@conversion`` (default 1) and ``data@offset`` (default 0); BadInputError unless finite, and the
+    conversion non-zero."""
+    conversion = attr_float(data, "conversion", 1.0)
+    offset = attr_float(data, "offset", 0.0)
+    if not (np.isfinite(conversion) and conversion != 0 and np.isfinite(offset)):
+        raise BadInputError(f"conversion ({conversion}) must be finite and non-zero and offset "
+                            f"({offset}) finite", path=path, obj=f"{obj}/data",
+                            fix="write the gain in data@conversion (the unit per stored value)")
+    return conversion, offset
+
+
 def scaling_uv(group: h5py.Group, data: h5py.Dataset, num_channels: int, *, path: Path,
                obj: str) -> tuple[np.ndarray, float]:
     """Per-channel gain (µV per raw unit, (num_channels,) float64) and offset (µV)."""
@@ -191,12 +307,7 @@ def scaling_uv(group: h5py.Group, data: h5py.Dataset, num_channels: int, *, path
                             "'volts' after conversion", path=path, obj=f"{obj}/data",
                             fix="write data@unit = 'volts' and data@conversion in volts per "
                                 "stored unit")
-    conversion = attr_float(data, "conversion", 1.0)
-    offset = attr_float(data, "offset", 0.0)
-    if not (np.isfinite(conversion) and conversion != 0 and np.isfinite(offset)):
-        raise BadInputError(f"conversion ({conversion}) must be finite and non-zero and offset "
-                            f"({offset}) finite", path=path, obj=f"{obj}/data",
-                            fix="write the ADC gain in data@conversion (volts per unit)")
+    conversion, offset = conversion_offset(data, path=path, obj=obj)
     channel = np.ones(num_channels)
     if "channel_conversion" in group:
         channel = np.asarray(group["channel_conversion"][()], dtype=np.float64).reshape(-1)

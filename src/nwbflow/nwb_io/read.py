@@ -7,8 +7,16 @@ NeuroConv, AllenSDK and C++ writers (NWB schema 2.0b-2.11, including versions
 newer than the installed pynwb) all read. The input is never written.
 
 Every problem with the input raises :class:`nwbflow.errors.BadInputError`
-naming the file, the NWB object and the fix; nothing is silently guessed
-except the documented channel-position fallback, which is flagged and logged.
+naming the file, the NWB object and the fix, corrupt bytes included (h5py's
+errors are turned into it where the reader looks: ``_hdf5.decoding``). Opening
+a series checks its layout; the values are checked on the one full read, the
+content hash (NaN or infinities in an ElectricalSeries, infinities or an
+all-NaN ROI in a RoiResponseSeries, flat data). Nothing is silently guessed
+but two documented fallbacks, each logged as a warning: channel positions,
+when the electrodes table has neither rel_x/rel_y nor AllenSDK's
+probe_horizontal_position/probe_vertical_position, are a vertical line in
+data-column order (x = 0 µm, y = 0, 20, 40, ... µm; ``positions_are_fallback``);
+NaN in ROI traces marks missing frames (gaps the calcium stage interpolates).
 
 Examples
 --------
@@ -19,7 +27,6 @@ Examples
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,10 +99,11 @@ def describe(path: str | Path) -> dict:
 
 def _summary(session: NwbSession, object_path: str, rate_of) -> dict:
     """One describe() entry; ``rate_of(object_path)`` opens and checks the series."""
-    data = session._group(object_path).get("data")
-    entry = {"object_path": object_path, "neurodata_type": session._types[object_path],
-             "shape": tuple(getattr(data, "shape", ())),
-             "dtype": str(getattr(data, "dtype", "")), "rate_hz": None, "problem": None}
+    with _hdf5.decoding(session.path, object_path):
+        data = session._group(object_path).get("data")
+        entry = {"object_path": object_path, "neurodata_type": session._types[object_path],
+                 "shape": tuple(getattr(data, "shape", ())),
+                 "dtype": str(getattr(data, "dtype", "")), "rate_hz": None, "problem": None}
     try:
         entry["rate_hz"] = rate_of(object_path)
     except BadInputError as exc:
@@ -118,6 +126,7 @@ class RoiSeriesInfo:
     roi_indices : (num_rois,) int64 rows of the PlaneSegmentation table.
     rois_table_path : object path of that PlaneSegmentation.
     unit : ``data@unit`` as written.
+    conversion, offset : ``data@conversion`` and ``data@offset`` (values read are data * conversion + offset).
     """
 
     object_path: str
@@ -130,6 +139,8 @@ class RoiSeriesInfo:
     roi_indices: np.ndarray
     rois_table_path: str
     unit: str
+    conversion: float = 1.0
+    offset: float = 0.0
 
 
 class NwbSession:
@@ -147,15 +158,12 @@ class NwbSession:
         self.path = Path(path).expanduser()
         self._h5: h5py.File | None = _hdf5.open_hdf5(self.path)
         try:
-            self.nwb_version = _hdf5.nwb_version_of(self._h5, self.path)
-            self.identifier = self._root_text("identifier")
-            self.object_id = _hdf5.attr_text(self._h5, "object_id")
-            self._tree = _hdf5.TypeTree.from_file(self._h5)
-            self._types = _hdf5.typed_groups(self._h5, self.path)
-        except OSError as exc:
-            self.close()
-            raise BadInputError(f"HDF5 file is corrupt: its NWB metadata cannot be read ({exc})",
-                                path=self.path, fix=_hdf5.CORRUPT_FIX) from exc
+            with _hdf5.decoding(self.path):
+                self.nwb_version = _hdf5.nwb_version_of(self._h5, self.path)
+                self.identifier = self._root_text("identifier")
+                self.object_id = _hdf5.attr_text(self._h5, "object_id")
+                self._tree = _hdf5.TypeTree.from_file(self._h5)
+                self._types = _hdf5.typed_groups(self._h5, self.path)
         except BaseException:
             self.close()
             raise
@@ -213,19 +221,27 @@ class NwbSession:
         return [self.roi_info(object_path) for object_path in self.roi_paths()]
 
     def roi_info(self, object_path: str) -> RoiSeriesInfo:
-        """Describe and check the RoiResponseSeries at ``object_path``."""
+        """Describe and check the RoiResponseSeries at ``object_path``.
+
+        Raises BadInputError for malformed data, clock or ``rois`` region, and
+        for ROIs that are not told apart: a region naming one table row twice,
+        or rows sharing an id.
+        """
         object_path = object_path.strip("/")
-        group = self._group(object_path)
-        data, frames, rois = _hdf5.series_data(group, path=self.path, obj=object_path,
-                                               columns="rois")
-        indices, table = _hdf5.region_indices(group, "rois", path=self.path, obj=object_path,
-                                              default_table=None)
-        _series.check_columns(indices.size, data.shape, "rois", "ROIs", path=self.path,
-                              obj=object_path)
-        clock = _series.read_clock(group, frames, path=self.path, obj=object_path)
-        return RoiSeriesInfo(object_path, tuple(data.shape), frames, rois, clock.rate_hz,
-                             clock.starting_time_s, clock.timestamps is not None, indices,
-                             table.name.lstrip("/"), _hdf5.attr_text(data, "unit"))
+        with _hdf5.decoding(self.path, object_path):
+            group = self._group(object_path)
+            data, frames, rois = _hdf5.series_data(group, path=self.path, obj=object_path,
+                                                   columns="rois")
+            indices, table = _hdf5.region_indices(group, "rois", path=self.path, obj=object_path,
+                                                  default_table=None)
+            _series.check_columns(indices.size, data.shape, "rois", "ROIs", path=self.path,
+                                  obj=object_path)
+            _hdf5.check_distinct_rows(table, indices, path=self.path, obj=f"{object_path}/rois")
+            clock = _series.read_clock(group, frames, path=self.path, obj=object_path)
+            conversion, offset = _series.conversion_offset(data, path=self.path, obj=object_path)
+            return RoiSeriesInfo(object_path, tuple(data.shape), frames, rois, clock.rate_hz,
+                                 clock.starting_time_s, clock.timestamps is not None, indices,
+                                 table.name.lstrip("/"), _hdf5.attr_text(data, "unit"), conversion, offset)
 
     def read_roi_traces(self, object_path: str, start_frame: int = 0,
                         end_frame: int | None = None) -> np.ndarray:
@@ -242,8 +258,8 @@ class NwbSession:
         data = self._group(info.object_path)["data"]
         values = _series.read(data, slice(start, end), path=self.path, obj=info.object_path)
         values = values.reshape(end - start, info.num_rois).astype(np.float64)
-        values *= _hdf5.attr_float(data, "conversion", 1.0)
-        values += _hdf5.attr_float(data, "offset", 0.0)
+        values *= info.conversion
+        values += info.offset
         return values.astype(np.float32)
 
     def select_roi(self, object_path: str | None = None, exclude: tuple[str, ...] = ()) -> RoiSeriesInfo:
@@ -281,16 +297,22 @@ class NwbSession:
         return self.roi_info(candidates[0])
 
     def roi_content_hash(self, object_path: str) -> str:
-        """``"sha256:<hex>"`` of a RoiResponseSeries' data (dtype, shape, raw bytes), read in blocks."""
+        """``"sha256:<hex>"`` of a RoiResponseSeries' data (dtype, shape, raw bytes), read in blocks.
+
+        Also checks every value on the way: BadInputError at the first
+        infinity, when a ROI holds no finite value, or when every ROI is flat;
+        NaN (missing frames) is allowed and counted in a logged warning.
+        """
         info = self.roi_info(object_path)
         data = self._group(info.object_path)["data"]
-        digest = hashlib.sha256()
-        digest.update(f"dtype={data.dtype.str};shape={data.shape};".encode())
-        rows = _series.block_rows(data, HASH_BLOCK_BYTES)
-        for start in range(0, info.num_frames, rows):
-            block = _series.read(data, slice(start, start + rows), path=self.path, obj=info.object_path)
-            digest.update(np.ascontiguousarray(block))
-        return "sha256:" + digest.hexdigest()
+        scan = _series.ValueScan(info.num_rois, "frame", "ROI column", nan_is_gap=True, path=self.path,
+                                 obj=f"{info.object_path}/data")
+        digest = _series.content_hash(data, lambda rows: _series.read(data, rows, path=self.path,
+                                                                      obj=info.object_path),
+                                      scan, HASH_BLOCK_BYTES)
+        scan.finish()
+        scan.check_scaled(info.conversion, info.offset, info.unit or "(unit)")
+        return digest
 
     def select_ephys(self, object_path: str | None = None) -> EphysSeries:
         """The ElectricalSeries to process.
@@ -320,6 +342,9 @@ class NwbSession:
         raw = [p for p, r in rates.items() if isinstance(r, float) and r >= RAW_BAND_MIN_RATE_HZ]
         if len(raw) == 1:
             return EphysSeries(self, raw[0])
+        for path, rate in rates.items():
+            if not raw and not (isinstance(rate, float) and rate > 0):
+                EphysSeries(self, path)  # a rate of 0, NaN or broken timestamps: raise that series' own error
         listing = "; ".join(f"{p} ({r:g} Hz)" if isinstance(r, float) else f"{p} ({r})"
                             for p, r in rates.items())
         which = "no ElectricalSeries is" if not raw else f"{len(raw)} ElectricalSeries are"
@@ -329,12 +354,12 @@ class NwbSession:
 
     def _nominal_rate(self, object_path: str) -> float | str:
         """Rate (Hz) from ``starting_time@rate`` or the first timestamps; a problem as text."""
-        group = self._group(object_path)
         try:
+            group = self._group(object_path)
             if isinstance(group.get("timestamps"), h5py.Dataset):
                 return 1.0 / _series.head_median_interval(group["timestamps"])
             return _hdf5.attr_float(group["starting_time"], "rate", float("nan"))
-        except (KeyError, ZeroDivisionError, OSError) as exc:
+        except (ZeroDivisionError, *_hdf5.H5_ERRORS) as exc:
             return f"rate unknown: {exc}"
 
     def _paths_of(self, base: str, exclude: str | None = None) -> list[str]:
@@ -349,7 +374,8 @@ class NwbSession:
 
     def _group(self, object_path: str) -> h5py.Group:
         self._check_open()
-        return self._h5[object_path]
+        with _hdf5.decoding(self.path, object_path):
+            return self._h5[object_path]
 
     def _root_text(self, name: str) -> str:
         if isinstance(self._h5.get(name), h5py.Dataset):
@@ -379,8 +405,13 @@ class EphysSeries:
 
     def __init__(self, session: NwbSession, object_path: str):
         self._session, self.file_path, self.object_path = session, session.path, object_path
-        where = {"path": self.file_path, "obj": object_path}
-        group = session._group(object_path)
+        with _hdf5.decoding(self.file_path, object_path):
+            self._check(session._group(object_path))
+        self._hash: str | None = None
+
+    def _check(self, group: h5py.Group) -> None:
+        """Read and check data, electrodes region, scaling, clock and positions."""
+        where = {"path": self.file_path, "obj": self.object_path}
         self._data, self.num_samples, self.num_channels = _hdf5.series_data(
             group, columns="channels", **where)
         self.electrode_indices, table = _hdf5.region_indices(
@@ -392,7 +423,6 @@ class EphysSeries:
         self._clock = _series.read_clock(group, self.num_samples, **where)
         self.channel_positions_um, self.positions_are_fallback = _series.positions_um(
             table, self.electrode_indices, **where)
-        self._hash: str | None = None
 
     def __repr__(self) -> str:
         return (f"EphysSeries({self.file_path}:{self.object_path}, {self.num_samples} x "
@@ -462,19 +492,21 @@ class EphysSeries:
 
         ``data`` is streamed in blocks of about ``HASH_BLOCK_BYTES`` (whole HDF5
         chunks), so memory stays bounded; the digest does not depend on the
-        block size, nor on how the file chunks or compresses ``data``.
+        block size, nor on how the file chunks or compresses ``data``. This is
+        the one full read before processing, so it also checks every value:
+        BadInputError at the first NaN or infinity (naming its sample and
+        channel), when every channel is flat (no recording), or when the
+        conversion scales the data out of the float32 range of the traces.
         """
         if self._hash is None:
-            digest = hashlib.sha256()
-            digest.update(f"dtype={self._data.dtype.str};shape={self._data.shape};".encode())
-            rows = _series.block_rows(self._data, HASH_BLOCK_BYTES)
-            for start in range(0, self.num_samples, rows):
-                block = self._read(slice(start, start + rows))
-                digest.update(np.ascontiguousarray(block))
-            self._hash = "sha256:" + digest.hexdigest()
+            scan = _series.ValueScan(self.num_channels, "sample", "channel", nan_is_gap=False,
+                                     path=self.file_path, obj=f"{self.object_path}/data")
+            digest = _series.content_hash(self._data, self._read, scan, HASH_BLOCK_BYTES)
+            scan.finish()
+            scan.check_scaled(self.gains_uv, self.offset_uv, "µV")
+            self._hash = digest
         return self._hash
 
     def _read(self, selection: slice) -> np.ndarray:
         self._session._check_open()
         return _series.read(self._data, selection, path=self.file_path, obj=self.object_path)
-

@@ -10,7 +10,12 @@ leaves the target either absent (or as it was) or complete.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import shutil
 import uuid
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +28,16 @@ from pynwb import NWBHDF5IO
 from pynwb.event import EventsTable, TimestampVectorData
 
 from nwbflow import __version__
-from nwbflow.atomic import atomic_path
-from nwbflow.errors import BadInputError, NwbflowError
+from nwbflow.atomic import atomic_path, remove_stale_partials
+from nwbflow.errors import BadInputError, NwbflowError, OutputWriteError
 from nwbflow.extensions import NAMESPACE, MotionEstimate, ProvenanceTable
 from nwbflow.nwb_io import layout
 from nwbflow.nwb_io.provenance import ProvenanceRecord
 
 log = logging.getLogger(__name__)
+
+_EXPORT_CONTEXT = multiprocessing.get_context("forkserver")
+_EXPORT_CONTEXT.set_forkserver_preload([__name__])
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,14 @@ class SessionResults:
     units: UnitsForNwb | None = None
     extra_was_generated_by: tuple[tuple[str, str], ...] = field(default=())
 
+    def files(self) -> list[Path]:
+        """The work-directory files whose contents go into the processed file."""
+        files = [self.peaks.parquet_path] if self.peaks else []
+        files += [self.motion.npz_path] if self.motion else []
+        files += [self.calcium.npy_path] if self.calcium else []
+        files += [self.units.spikes_path, self.units.units_path] if self.units else []
+        return files
+
 
 def write_processed(input_path: str | Path, output_path: str | Path, results: SessionResults) -> Path:
     """Export ``input_path`` with ``results`` added to ``output_path``, atomically.
@@ -115,21 +131,64 @@ def write_processed(input_path: str | Path, output_path: str | Path, results: Se
     its own asset. Returns the output path.
     """
     input_path, output_path = Path(input_path).resolve(), Path(output_path).absolute()
-    _check_target(input_path, output_path)
-    with atomic_path(output_path, suffix=".nwb") as tmp_path:
-        _export(input_path, tmp_path, results)
-        _validate(tmp_path, output_path)
+    check_target(input_path, output_path)
+    remove_stale_partials(output_path)  # what a killed run left takes space too
+    _check_free_space(input_path, output_path, results)
+    try:
+        with atomic_path(output_path, suffix=".nwb") as tmp_path:
+            _export_in_child(input_path, tmp_path, results)
+            _validate(tmp_path, output_path)
+    except OSError as exc:  # disk full, quota, I/O error: the temporary is gone, the input untouched
+        raise OutputWriteError(f"{output_path}: writing the processed file failed ({exc}); nothing was "
+                               f"written there and the input is unchanged. Free space in {output_path.parent} "
+                               "(or choose another output) and run again: finished stages are reused") from exc
     log.info("wrote %s", output_path)
     return output_path
 
 
-def _check_target(input_path: Path, output_path: Path) -> None:
+def check_target(input_path: str | Path, output_path: str | Path) -> None:
+    """BadInputError unless ``output_path`` can be written: its folder exists and is writable, not the input."""
+    input_path, output_path = Path(input_path).resolve(), Path(output_path).absolute()
     if not output_path.parent.is_dir():
         raise BadInputError("output directory does not exist", path=output_path,
                             fix=f"create {output_path.parent} first")
+    if not os.access(output_path.parent, os.W_OK | os.X_OK):
+        raise BadInputError("output directory is not writable", path=output_path,
+                            fix=f"choose an output in a folder you can write, or fix the permissions of "
+                                f"{output_path.parent}")
     if output_path.exists() and output_path.samefile(input_path):
         raise BadInputError("output path is the input file; the input is never modified",
                             path=output_path, fix="choose another output path")
+
+
+def _check_free_space(input_path: Path, output_path: Path, results: SessionResults) -> None:
+    """OutputWriteError when the output's disk has clearly too little room, before anything is written.
+
+    The need is estimated as the input's size (the export copies it) plus twice the result files (parquet and
+    npz are denser than HDF5), plus 16 MiB of headroom.
+    """
+    need = input_path.stat().st_size + 2 * sum(Path(f).stat().st_size for f in results.files()) + (16 << 20)
+    free = shutil.disk_usage(output_path.parent).free
+    if free < need:
+        raise OutputWriteError(f"{output_path}: not enough free space for the processed file: about "
+                               f"{need / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free in {output_path.parent}; "
+                               "nothing was written and the input is unchanged. Free space (or choose another "
+                               "output) and run again: finished stages are reused")
+
+
+def _export_in_child(input_path: Path, tmp_path: Path, results: SessionResults) -> None:
+    """``_export`` in a child process: HDF5 can abort its process when a write fails (a full disk during
+    pynwb's export ends in 'double free or corruption'), which must fail this write, not the whole run.
+
+    The child comes from a fork server that has the NWB stack imported, so each export starts in milliseconds
+    after the first; an error raised in the child is raised here.
+    """
+    with ProcessPoolExecutor(max_workers=1, mp_context=_EXPORT_CONTEXT) as pool:
+        try:
+            pool.submit(_export, input_path, tmp_path, results).result()
+        except BrokenProcessPool as exc:
+            raise OSError(f"the export process died while writing {tmp_path.name} (HDF5 aborts on a failed "
+                          "write, e.g. on a full disk)") from exc
 
 
 def _export(input_path: Path, tmp_path: Path, results: SessionResults) -> None:

@@ -1,4 +1,12 @@
-"""Work-directory artifacts, written atomically so a resumed run never reads half a file."""
+"""Work-directory artifacts, written atomically so a resumed run never reads half a file.
+
+Each write goes to its own uniquely named temporary (``nwbflow.atomic``), so
+two writers of one path (two runs of one stage) cannot mix their bytes: each
+renames a whole file into place and the last one wins. Stage directories are
+also locked by the flow (``nwbflow.locks.directory_lock``), because the
+streamed binaries (``preprocessed.bin``, ``corrected.bin``) use a fixed
+``.partial`` name.
+"""
 
 from __future__ import annotations
 

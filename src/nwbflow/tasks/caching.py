@@ -20,7 +20,8 @@ from nwbflow import __version__
 from nwbflow.tasks.artifacts import save_json
 
 DONE_MARKER = "done.json"
-HASH_MEMO = "content-hashes.json"
+#: Versioned: hashes memoized before the value checks (NaN, flat, overflow) ran with them are not reused.
+HASH_MEMO = "content-hashes-v2.json"
 
 
 def stage_key(stage: str, input_identity: str, parameters_json: str, upstream: tuple[str, ...] = ()) -> str:
@@ -54,7 +55,7 @@ def memoized_content_hash(memo_dir: Path, path: Path, object_path: str, compute)
     """The content hash of ``object_path`` in ``path``, recomputed only when the file changed.
 
     ``compute()`` hashes the series (one full read); its result is kept in
-    ``memo_dir/content-hashes.json`` keyed by path, object, size and mtime.
+    ``memo_dir/content-hashes-v2.json`` keyed by path, object, size and mtime.
     """
     memo_file = memo_dir / HASH_MEMO
     size, mtime_ns = file_identity(path)

@@ -7,6 +7,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from nwbflow.ephys.filtering import design_bandpass, filter_margin_samples
 from nwbflow.errors import BadInputError
 from nwbflow.nwb_io.layout import OPHYS_RESULTS
 from nwbflow.nwb_io.read import open_session
@@ -41,11 +44,12 @@ def check_input(nwb_path: str | Path, params: SessionParams) -> tuple[tuple[str,
     """Open the input read-only and decide (stages, ElectricalSeries object path); cheap.
 
     Raises BadInputError for an unreadable file, inapplicable
-    stages and an ambiguous or missing series. Used by the CLI before it
-    starts Prefect, and by ``plan_session``.
+    stages, an ambiguous, missing or malformed series, and a series its
+    stages cannot run on (see ``_fit_to_probe``). The values are checked by
+    ``plan_session``'s one full read. Used by the CLI before it starts Prefect.
     """
     with open_session(nwb_path) as session:
-        stages, series_path = _stages_and_series(session, Path(nwb_path), params)
+        stages, series_path = _stages_and_series(session, Path(nwb_path), params, warn=False)
         _roi_series(session, stages, params)
         return stages, series_path
 
@@ -59,20 +63,63 @@ def _roi_series(session, stages: tuple[str, ...], params: SessionParams) -> str 
     return session.select_roi(params.calcium.roi_series, exclude=(OPHYS_RESULTS,)).object_path
 
 
-def _stages_and_series(session, nwb_path: Path, params: SessionParams) -> tuple[tuple[str, ...], str | None]:
+def _stages_and_series(session, nwb_path: Path, params: SessionParams, *,
+                       warn: bool = True) -> tuple[tuple[str, ...], str | None]:
     content = {"ephys": bool(session.ephys_paths()), "ophys": bool(session.roi_paths())}
     stages = _resolve_stages(params.stages, content, nwb_path)
     series_path = None
     if any(BUILT_STAGES[s] == "ephys" for s in stages):
-        series_path = session.select_ephys(params.electrical_series).object_path
+        series = session.select_ephys(params.electrical_series)
+        stages, series_path = _fit_to_probe(stages, series, params, warn=warn), series.object_path
     return stages, series_path
+
+
+def _fit_to_probe(stages: tuple[str, ...], series, params: SessionParams, *, warn: bool) -> tuple[str, ...]:
+    """The stages the series' rate and channels allow.
+
+    Preprocess refuses (BadInputError) a band-pass its sampling rate cannot
+    hold, and one channel with the common reference on (the median across
+    channels would zero it). Channels all at one depth (one channel, or a row
+    across the shank): motion along the probe cannot be estimated, so motion
+    is left out with a warning (sorting then reads the preprocessed traces),
+    or refused when ``params.stages`` names it.
+    """
+    where = {"path": series.file_path, "obj": series.object_path}
+    if "preprocess" in stages:
+        _check_band(series.sampling_rate_hz, params, where)
+        if params.preprocess.common_reference and series.num_channels < 2:
+            raise BadInputError("has one channel: the common reference (median across channels) would zero it",
+                                fix="set `preprocess: {common_reference: false}` in the parameters (--params)",
+                                **where)
+    depths_um = np.unique(series.channel_positions_um[:, 1])
+    if "motion" not in stages or depths_um.size > 1:
+        return stages
+    reason = (f"motion along the probe cannot be estimated: its {series.num_channels} channel(s) all sit at "
+              f"depth {depths_um[0]:g} µm")
+    if params.stages is not None and "motion" in params.stages:
+        raise BadInputError(reason, fix="leave motion out of the stages (--stages)", **where)
+    if warn:
+        log.warning("%s: %s: motion stage skipped: %s", series.file_path, series.object_path, reason)
+    return tuple(s for s in stages if s != "motion")
+
+
+def _check_band(rate_hz: float, params: SessionParams, where: dict) -> None:
+    """Design the preprocess band-pass at the series' rate now, so a misfit names the file and series."""
+    band = params.preprocess
+    try:
+        filter_margin_samples(design_bandpass(band.freq_min_hz, band.freq_max_hz, rate_hz, band.filter_order))
+    except BadInputError as exc:
+        raise BadInputError(f"sampled at {rate_hz:g} Hz: {exc.message}", fix=exc.fix, **where) from exc
 
 
 def plan_session(nwb_path: str | Path, params: SessionParams, workdir_root: str | Path) -> SessionPlan:
     """Pick stages and series, hash the series, derive the work directory.
 
     The work directory is keyed by the input's identity (content hash of the
-    series read), so a re-run on the same data finds its artifacts.
+    series read), so a re-run on the same data finds its artifacts. Hashing
+    reads every value once and checks it (NaN/infinities, flat data, a
+    conversion out of range: BadInputError before any stage runs); a hash
+    memoized for an unchanged file skips that read and those checks.
     """
     nwb_path, workdir_root = Path(nwb_path).resolve(), Path(workdir_root)
     workdir_root.mkdir(parents=True, exist_ok=True)
