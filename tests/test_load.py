@@ -27,6 +27,7 @@ import httpx
 import pytest
 from pynwb import NWBHDF5IO
 
+from conftest import sha256_of
 from nwbflow.flows.nightly import OUTPUT_SUFFIX, read_ledger
 from nwbflow.nwb_io.provenance import read_provenance
 from nwbflow.params import SessionParams
@@ -165,7 +166,9 @@ def _check_two_runs_process_each_session_once(api_url: str, server_log: Path, fo
     root, logs = folder / "root", folder / "logs"
     logs.mkdir()
     sessions = _data_root(root, count)
+    inputs_before = {s: sha256_of(root / s) for s in sessions}
     outcomes, texts, seconds = _run_two_nightly(api_url, root, logs)
+    assert {s: sha256_of(root / s) for s in sessions} == inputs_before  # no input changed
 
     processed = [set(o["processed"]) for o in outcomes]
     assert processed[0] | processed[1] == set(sessions), outcomes
