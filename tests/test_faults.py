@@ -242,3 +242,22 @@ def test_the_input_guard_catches_a_run_that_changes_its_input(prefect_server, sm
     with pytest.raises(AssertionError, match="changed its input"):
         process_session(str(session), str(tmp_path / "out.nwb"), PARAMS.model_copy(update={"stages": ("preprocess",)}),
                         str(tmp_path / "work"))
+
+
+def test_a_kernel_bad_input_error_is_given_the_file_and_series(prefect_server, small_session, tmp_path, monkeypatch):
+    """Kernels know no file: the flow adds the input file and the series the stage reads to their errors."""
+    from nwbflow.errors import BadInputError
+    from nwbflow.tasks import calcium as calcium_tasks
+
+    def refuse(*_args, **_kwargs):
+        raise BadInputError("fluorescence baseline is not positive in ROI column 3", fix="pass raw fluorescence")
+
+    monkeypatch.setattr(calcium_tasks, "spike_rate", refuse)
+    params = PARAMS.model_copy(update={"stages": ("calcium",)})
+    with pytest.raises(BadInputError) as excinfo:
+        process_session(str(small_session), str(tmp_path / "out.nwb"), params, str(tmp_path / "work"))
+    error = excinfo.value
+    assert (error.path, error.obj, error.fix) == (str(small_session.resolve()), "processing/ophys/Fluorescence/"
+                                                  "RoiResponseSeries", "pass raw fluorescence")
+    assert error.one_line().startswith(f"{small_session.resolve()}: processing/ophys/")
+    assert "calcium: fluorescence baseline is not positive" in error.one_line()

@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import flow
 
 from nwbflow.device import resolve_device
+from nwbflow.errors import BadInputError
 from nwbflow.locks import directory_lock, output_lock
 from nwbflow.nwb_io.write import check_target
 from nwbflow.params import SessionParams
@@ -28,17 +29,26 @@ def default_workdir(out_path: str | Path) -> Path:
     return Path(out_path).absolute().parent / ".nwbflow-work"
 
 
-def _alone_in(directory: Path, task, *args, **kwargs):
-    """Run a stage task while holding the lock of its artifact directory ``directory``.
+def _alone_in(directory: Path, task, plan, *args, **kwargs):
+    """Run a stage task on ``plan`` while holding the lock of its artifact directory ``directory``.
 
     Two runs of the same input (e.g. to two outputs) share stage directories;
     the second waits for the first and then finds the stage Cached, so no
     artifact is ever written by two runs at once. A stage whose artifacts are
-    gone is recomputed (cache refreshed) instead of read from the cache.
+    gone is recomputed (cache refreshed) instead of read from the cache. A
+    BadInputError from a kernel (kernels know no file) gets the input file
+    and the series the stage reads.
     """
     with directory_lock(directory):
         chosen = task if is_complete(directory) else task.with_options(refresh_cache=True)
-        return chosen(*args, **kwargs)
+        try:
+            return chosen(plan, *args, **kwargs)
+        except BadInputError as exc:
+            if exc.path is not None:
+                raise
+            series = plan.ophys if task.name == "calcium" else plan.ephys
+            raise BadInputError(f"{task.name}: {exc.message}", path=plan.nwb_path, obj=exc.obj or series.object,
+                                fix=exc.fix) from exc
 
 
 def check_output(nwb_path: str | Path, out_path: str | Path) -> Path:
