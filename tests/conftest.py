@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Before Prefect is imported anywhere: a private, throw-away Prefect home (SQLite database).
@@ -20,6 +23,28 @@ import torch  # noqa: E402
 #: ~3000 steps (about a minute on CI's CPU) per run.
 FAST_MOTION = {"training_steps": 300, "motion_noise_steps": 100, "batch_size": 512, "hidden_features": [32, 32],
                "average_steps": 50, "early_stop_tolerance_um": 0.0, "time_kernel_width_s": 4.0}
+
+
+@contextmanager
+def output_locked_by_another_thread(out_path: str | Path, timeout_s: float = 60.0) -> Iterator[None]:
+    """Hold ``out_path``'s output lock in another thread (as another run would) for the ``with`` block."""
+    from nwbflow.locks import output_lock
+
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():
+        with output_lock(out_path):
+            held.set()
+            release.wait(2 * timeout_s)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert held.wait(timeout_s), "the other thread never took the lock"
+        yield
+    finally:
+        release.set()
+        thread.join(timeout_s)
 
 
 def sha256_of(path: str | Path) -> str:

@@ -8,11 +8,10 @@ import threading
 
 import pytest
 
-from conftest import FAST_MOTION, sha256_of
+from conftest import FAST_MOTION, output_locked_by_another_thread, sha256_of
 from nwbflow.errors import NwbflowError
 from nwbflow.flows import nightly as nightly_module
 from nwbflow.flows.nightly import LEDGER, nightly, read_ledger, record_in_ledger
-from nwbflow.locks import output_lock
 from nwbflow.params import SessionParams
 from nwbflow.synth import SynthConfig, write_synthetic_session
 
@@ -116,21 +115,8 @@ def test_a_session_another_run_holds_is_left_to_it_not_failed(prefect_server, tw
     """A session whose output another run is writing is reported busy; the next run does it, once."""
     out_dir = two_sessions / "processed"
     out_dir.mkdir()
-    held, release = threading.Event(), threading.Event()
-
-    def other_run():
-        with output_lock(out_dir / "b_processed.nwb"):
-            held.set()
-            release.wait(120)
-
-    thread = threading.Thread(target=other_run)
-    thread.start()
-    try:
-        assert held.wait(60)
+    with output_locked_by_another_thread(out_dir / "b_processed.nwb"):
         state = nightly(str(two_sessions), params=CHEAP, return_state=True)
-    finally:
-        release.set()
-        thread.join(60)
     assert state.is_completed()
     first = state.result()
     assert (first["processed"], first["busy"], first["failed"]) == (["a.nwb"], ["b.nwb"], [])

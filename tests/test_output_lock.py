@@ -21,7 +21,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL
 from pynwb import NWBHDF5IO
 
-from conftest import sha256_of
+from conftest import output_locked_by_another_thread, sha256_of
 from nwbflow.errors import BadInputError, OutputBusyError
 from nwbflow.flows.session import process_session
 from nwbflow.locks import exclusive_lock, holder_note, output_lock, output_lock_file
@@ -88,6 +88,15 @@ class Child:
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def _end(children: list[Child], release: Path) -> None:
+    """Let the children go on (``release``), kill any still running, reap them all."""
+    release.touch()
+    for child in children:
+        if child.proc.poll() is None:
+            child.proc.kill()
+        child.proc.wait(timeout=60)
 
 
 def _wait_until(condition, children: list[Child], what: str) -> None:
@@ -174,11 +183,7 @@ def test_two_runs_on_one_output_one_completes_the_other_fails_at_once(prefect_se
         release.touch()
         winner.proc.wait(timeout=WAIT_S)
     finally:
-        release.touch()
-        for child in children:
-            if child.proc.poll() is None:
-                child.proc.kill()
-            child.proc.wait(timeout=60)
+        _end(children, release)
     assert winner.proc.returncode == 0, winner.text()[-4000:]
     assert loser.proc.returncode == 4, loser.text()[-4000:]
     busy = [line for line in loser.text().splitlines() if line.startswith("nwbflow: busy:")]
@@ -219,11 +224,7 @@ def test_same_input_to_two_outputs_computes_each_stage_once(prefect_server, sess
         for child in children:
             child.proc.wait(timeout=WAIT_S)
     finally:
-        release.touch()
-        for child in children:
-            if child.proc.poll() is None:
-                child.proc.kill()
-            child.proc.wait(timeout=60)
+        _end(children, release)
     for child in children:
         assert child.proc.returncode == 0, child.text()[-4000:]
     assert _lines(kernel_runs) == 1  # preprocess ran once; the other run found it Cached
@@ -260,23 +261,9 @@ def test_cli_output_in_a_missing_folder_exits_2(session_file, tmp_path):
 
 def test_output_lock_error_names_the_output_the_lock_file_and_the_holder(tmp_path):
     out = tmp_path / "x.nwb"
-    held, done = threading.Event(), threading.Event()
-
-    def other_run():
+    with output_locked_by_another_thread(out), pytest.raises(OutputBusyError) as error:
         with output_lock(out):
-            held.set()
-            done.wait(30)
-
-    thread = threading.Thread(target=other_run)
-    thread.start()
-    try:
-        assert held.wait(30)
-        with pytest.raises(OutputBusyError) as error:
-            with output_lock(out):
-                pass
-    finally:
-        done.set()
-        thread.join(30)
+            pass
     message = str(error.value)
     assert str(out) in message and str(output_lock_file(out)) in message and f"pid {os.getpid()}" in message
     assert "wait for it or choose another output" in message
