@@ -214,7 +214,7 @@ class SortingParams(_Params):
 
 
 #: The shipped calcium network (nwbflow/ophys/weights/<name>.pt), the default of CalciumParams.model.
-CALCIUM_MODEL = "nwbflow-cnn-v1"
+CALCIUM_MODEL = "nwbflow-cnn-v2"
 
 
 class CalciumParams(_Params):

@@ -54,7 +54,8 @@ def infer_spike_rate(dff: np.ndarray, rate_hz: float, model: SpikeCnn, *, device
     x = resample(dff, rate_hz, spec.model_rate_hz)  # (T, N) at the model rate
     counts = _counts_at_model_rate(x, noise, rate_hz, model, torch.device(device), batch_size, chunk_samples,
                                    progress)
-    rate = resample(counts * spec.model_rate_hz, spec.model_rate_hz, rate_hz, num_out=num_frames)
+    # Frame k's rate is that of its span [t_k, t_k+1) (nwbflow.ophys.metrics), so it is read at its middle.
+    rate = resample(counts * spec.model_rate_hz, spec.model_rate_hz, rate_hz, num_out=num_frames, shift_frames=0.5)
     return np.clip(rate, 0.0, None).astype(np.float32)
 
 

@@ -1,8 +1,8 @@
 """The spike-inference network: a small 1-D CNN over sliding windows of ΔF/F.
 
 In the spirit of the Spikefinder CNN (Rupprecht) and CASCADE: each output
-sample is computed from a window of ΔF/F centred on it (here 127 samples at
-the model rate of 50 Hz, 2.5 s) by three convolution layers and a small
+sample is computed from a window of ΔF/F centred on it (here 223 samples at
+the model rate of 100 Hz, 2.2 s) by three convolution layers and a small
 dense head. The network is written as a fully convolutional stack, which is
 the same function as sliding the window one sample at a time, at a fraction
 of the cost. It is noise-level aware: besides ΔF/F it sees, as constant
@@ -33,10 +33,10 @@ class CnnSpec:
     head : width of the dense (1x1) hidden layer.
     """
 
-    model_rate_hz: float = 50.0
+    model_rate_hz: float = 100.0
     channels: int = 24
     kernels: tuple[int, int, int] = (31, 17, 17)
-    dilations: tuple[int, int, int] = (1, 2, 4)
+    dilations: tuple[int, int, int] = (1, 4, 8)
     head: int = 16
 
     @property
@@ -58,12 +58,12 @@ class CnnSpec:
 
 #: Input channels: ΔF/F, log noise level, log(recorded frame rate / model rate).
 NUM_INPUTS = 3
-#: Initial bias of the last layer: softplus(-4) = 0.018 spikes per sample (0.9 Hz at 50 Hz).
+#: Initial bias of the last layer: softplus(-4) = 0.018 spikes per sample (1.8 Hz at 100 Hz).
 INITIAL_OUTPUT_BIAS = -4.0
 #: ΔF/F is clipped to this range before entering the network (unitless).
 DFF_CLIP = (-1.0, 20.0)
 #: Recorded frame rates the network was trained on (Hz). Faster recordings are fed to the network as
-#: 100 Hz ones (above the 50 Hz model rate they look alike once resampled); slower ones as 7 Hz.
+#: 100 Hz ones (at or above the 100 Hz model rate they look alike once resampled); slower ones as 7 Hz.
 TRAINED_RATE_RANGE_HZ = (7.0, 100.0)
 
 

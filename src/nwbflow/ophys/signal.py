@@ -163,7 +163,8 @@ def noise_level(dff: np.ndarray, rate_hz: float) -> np.ndarray:
     return 100.0 * np.nanmedian(np.abs(np.diff(dff, axis=0)), axis=0) / math.sqrt(rate_hz)
 
 
-def resample(traces: np.ndarray, from_hz: float, to_hz: float, num_out: int | None = None) -> np.ndarray:
+def resample(traces: np.ndarray, from_hz: float, to_hz: float, num_out: int | None = None,
+             shift_frames: float = 0.0) -> np.ndarray:
     """Resample traces from one frame rate to another on the same clock (frame k at t0 + k / rate).
 
     Downsampling first smooths with a Gaussian (sigma = 0.4 output frames) so
@@ -177,6 +178,7 @@ def resample(traces: np.ndarray, from_hz: float, to_hz: float, num_out: int | No
     traces : (num_frames, num_rois) or (num_frames,) float array.
     from_hz, to_hz : input and output frame rates (Hz).
     num_out : output frames; default ``ceil(num_frames * to_hz / from_hz)``.
+    shift_frames : output frame k is taken at t0 + (k + shift_frames) / to_hz (0.5: at frame middles).
 
     Returns
     -------
@@ -197,7 +199,7 @@ def resample(traces: np.ndarray, from_hz: float, to_hz: float, num_out: int | No
         num_out = int(math.ceil(num_in * to_hz / from_hz))
     if to_hz < from_hz:
         x = gaussian_filter1d(x, sigma=0.4 * from_hz / to_hz, axis=0, mode="nearest")
-    position = np.arange(num_out) * (from_hz / to_hz)
+    position = (np.arange(num_out) + shift_frames) * (from_hz / to_hz)
     left = np.clip(np.floor(position).astype(np.int64), 0, num_in - 1)
     right = np.minimum(left + 1, num_in - 1)
     weight = np.clip(position - left, 0.0, 1.0).astype(np.float32)

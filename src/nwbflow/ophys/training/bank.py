@@ -1,9 +1,9 @@
 """Training examples: ΔF/F windows at the model rate with their spike-count targets.
 
 Ground truth is resampled as CASCADE does, to other frame rates and noise
-levels: a crop of a recording is resampled to a frame rate drawn in
-[7 Hz, its own rate] (at most 100 Hz) with the very function inference uses,
-then white and signal-dependent noise is added until a drawn target noise
+levels: a crop of a recording is kept at its own rate (at most 100 Hz) or,
+half of the time, resampled to a rate drawn in [7 Hz, that rate] with the
+very function inference uses, then white and signal-dependent noise is added until a drawn target noise
 level is reached (never removed: already noisier data stay as they are).
 Simulated neurons (:mod:`.simulate`) cover indicator families and
 conditions the ground truth lacks. Every example then goes through
@@ -29,9 +29,13 @@ EXAMPLE_SAMPLES = 256
 #: Gaussian smoothing of the spike-count targets (s).
 TARGET_SIGMA_S = 0.025
 RATE_RANGE_HZ = TRAINED_RATE_RANGE_HZ
-#: Target noise levels (CASCADE, % / sqrt(Hz)) of degraded ground truth, and of simulated neurons (which
-#: also cover the very clean recordings ground truth lacks).
-NOISE_RANGE = (1.0, 9.0)
+#: Share of ground-truth crops kept at their own rate (at most the top of RATE_RANGE_HZ); the rest are
+#: resampled to a rate drawn log-uniformly below it. Without it few examples are fast (log-uniform puts
+#: the median at 26 Hz) and the network never learns the timing that 100+ Hz recordings carry.
+TOP_RATE_SHARE = 0.5
+#: Target noise levels (CASCADE, % / sqrt(Hz)) of degraded ground truth (its recordings are at 0.3-1.7, so
+#: the low end keeps some as recorded), and of simulated neurons.
+NOISE_RANGE = (0.3, 9.0)
 SIMULATED_NOISE_RANGE = (0.1, 10.0)
 SIMULATED = -1
 
@@ -64,7 +68,8 @@ def examples_from_trace(dff: np.ndarray, rate_hz: float, spike_times_s: np.ndarr
     length = x.size
     if length < EXAMPLE_SAMPLES:
         return None
-    index = np.floor(spike_times_s * spec.model_rate_hz).astype(np.int64)
+    # Model sample j stands for time j / model rate: it counts the spikes nearest to it, not those after it.
+    index = np.floor(spike_times_s * spec.model_rate_hz + 0.5).astype(np.int64)
     counts = np.bincount(index[(index >= 0) & (index < length)], minlength=length).astype(np.float32)
     target = gaussian_filter1d(counts, TARGET_SIGMA_S * spec.model_rate_hz, mode="constant")
     half = spec.half_window
@@ -93,7 +98,10 @@ def degrade(recording: Recording, rng: np.random.Generator, crop_s: float) -> tu
     spikes = recording.spike_times_s
     spikes = spikes[(spikes >= t0) & (spikes < t0 + frames / native)] - t0
     high = min(native, RATE_RANGE_HZ[1])
-    rate = float(np.exp(rng.uniform(np.log(RATE_RANGE_HZ[0]), np.log(high)))) if high > RATE_RANGE_HZ[0] else native
+    if high > RATE_RANGE_HZ[0] and rng.random() >= TOP_RATE_SHARE:
+        rate = float(np.exp(rng.uniform(np.log(RATE_RANGE_HZ[0]), np.log(high))))
+    else:
+        rate = high
     if rate < 0.97 * native:
         dff = resample(dff, native, rate).astype(np.float64)
     else:

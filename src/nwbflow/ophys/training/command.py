@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from nwbflow.ophys.model import CnnSpec, parameter_count
+from nwbflow.ophys.training.alignment import align_lags, onset_lag_s
 from nwbflow.ophys.training.bank import Bank, ground_truth_bank, simulated_bank
 from nwbflow.ophys.training.fit import FitSettings, fit_cnn
 from nwbflow.ophys.training.groundtruth import EXCLUDED, GtDataset, load_all
@@ -33,13 +34,20 @@ THREADS = 2
 
 def build_bank(datasets: list[GtDataset], spec: CnnSpec, seed: int,
                examples_per_dataset: int = EXAMPLES_PER_DATASET,
-               simulated_examples: int = SIMULATED_EXAMPLES) -> Bank:
-    """Examples of every dataset (source = its index in ``datasets``) and of the simulator."""
+               simulated_examples: int = SIMULATED_EXAMPLES) -> tuple[Bank, dict]:
+    """Examples of every dataset (source = its index in ``datasets``) and of the simulator.
+
+    The datasets' spike-to-fluorescence lags are measured and the outliers aligned first
+    (:mod:`.alignment`). Returns the bank and, per dataset name, its lag and the shift applied (s).
+    """
+    lags = [onset_lag_s(d) for d in datasets]
+    aligned, shifts = align_lags(datasets, lags)
     rng = np.random.default_rng(seed)
-    parts = [ground_truth_bank(d, i, spec, rng, examples_per_dataset) for i, d in enumerate(datasets)]
+    parts = [ground_truth_bank(d, i, spec, rng, examples_per_dataset) for i, d in enumerate(aligned)]
     if simulated_examples:
         parts.append(simulated_bank(spec, rng, simulated_examples))
-    return Bank.concatenate(parts)
+    alignment = {d.name: {"lag_s": lag, "shift_s": shifts[d.name]} for d, lag in zip(datasets, lags)}
+    return Bank.concatenate(parts), alignment
 
 
 def train(data_dir: str | Path, out_dir: str | Path, name: str = DEFAULT_MODEL, *, seed: int = 0,
@@ -49,7 +57,7 @@ def train(data_dir: str | Path, out_dir: str | Path, name: str = DEFAULT_MODEL, 
     clock = time.perf_counter()
     spec = CnnSpec()
     datasets = load_all(data_dir)
-    bank = build_bank(datasets, spec, seed)
+    bank, alignment = build_bank(datasets, spec, seed)
     settings = FitSettings(steps=steps)
     model, losses = fit_cnn(bank, spec, settings, seed)
     card = {
@@ -62,6 +70,7 @@ def train(data_dir: str | Path, out_dir: str | Path, name: str = DEFAULT_MODEL, 
                      "simulated_share": settings.simulated_share, "examples_per_dataset": EXAMPLES_PER_DATASET,
                      "simulated_examples": SIMULATED_EXAMPLES},
         "datasets": [d.provenance() for d in datasets],
+        "spike_lag_alignment": alignment,
         "excluded_datasets": EXCLUDED,
         "simulator": "nwbflow.ophys.training.simulate (families: OGB, GCaMP6f, GCaMP6s, GCaMP7f, GCaMP8)",
         "parameters": parameter_count(model),
