@@ -17,7 +17,7 @@ Metric per neuron: Pearson correlation of predicted and true spike counts in
 neurons per dataset, then per indicator family (mean over its datasets'
 neurons). Prints a table and writes benchmarks/results/calcium.json.
 
-Run (about 45 min on 2 cores at the shipped 16000 steps):
+Run (about 50 min on 2 cores at the shipped 16000 steps):
     flock /tmp/nwbflow-cpu.lock .venv/bin/python benchmarks/calcium.py --data-dir /work/data/calcium_gt
 """
 

@@ -56,9 +56,6 @@ class Bank:
         return Bank(*(np.concatenate([getattr(p, name) for p in parts]) for name in
                       ("dff", "noise", "rate_hz", "target", "source")))
 
-    def subset(self, keep: np.ndarray) -> Bank:
-        return Bank(self.dff[keep], self.noise[keep], self.rate_hz[keep], self.target[keep], self.source[keep])
-
 
 def examples_from_trace(dff: np.ndarray, rate_hz: float, spike_times_s: np.ndarray, spec: CnnSpec,
                         rng: np.random.Generator, count: int, source: int) -> Bank | None:
