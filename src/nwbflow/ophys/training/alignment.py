@@ -19,13 +19,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from nwbflow.ophys.metrics import binned_prediction, correlation
+from nwbflow.ophys.metrics import BIN_S, binned_prediction, correlation
 from nwbflow.ophys.training.groundtruth import GtDataset
 
 #: Lags searched (s): spikes before the fluorescence rise are positive lags.
 LAG_GRID_S = np.arange(-0.1, 0.3001, 0.005)
-#: Bin width of the lag search (s): the accuracy metric's.
-LAG_BIN_S = 0.04
 #: A lag is an outlier beyond this many scaled median absolute deviations from the median lag.
 OUTLIER_MADS = 3.0
 #: Median absolute deviation -> standard deviation of a normal distribution.
@@ -45,25 +43,22 @@ def onset_lag_s(dataset: GtDataset, lags_s: np.ndarray = LAG_GRID_S) -> float:
     scores = np.zeros(len(lags_s))
     counted = np.zeros(len(lags_s))
     for neuron in dataset.neurons:
-        rises, starts, spikes = [], [], []
+        segments = []  # (bin edges, binned rise, spike times) per recording: the rise does not depend on the lag
         for r in neuron:
+            edges = np.arange(r.times_s[0], r.times_s[-1], BIN_S)
+            if edges.size < 3:
+                continue
             rise = np.clip(np.diff(r.dff.astype(np.float64), prepend=r.dff[0]), 0.0, None) * r.rate_hz
-            rises.append(rise)
-            starts.append(r.times_s)
-            spikes.append(r.spike_times_s)
+            segments.append((edges, binned_prediction(rise, r.times_s, edges), r.spike_times_s))
+        if not segments:
+            continue
+        predicted = np.concatenate([binned for _, binned, _ in segments])
         for i, lag in enumerate(lags_s):
-            predicted, true = [], []
-            for rise, times, spike_times in zip(rises, starts, spikes):
-                edges = np.arange(times[0], times[-1], LAG_BIN_S)
-                if edges.size < 3:
-                    continue
-                predicted.append(binned_prediction(rise, times, edges))
-                true.append(np.histogram(spike_times + lag, edges)[0].astype(np.float64))
-            if predicted:
-                c = correlation(np.concatenate(predicted), np.concatenate(true))
-                if np.isfinite(c):
-                    scores[i] += c
-                    counted[i] += 1
+            true = np.concatenate([np.histogram(spikes + lag, edges)[0] for edges, _, spikes in segments])
+            c = correlation(predicted, true.astype(np.float64))
+            if np.isfinite(c):
+                scores[i] += c
+                counted[i] += 1
     mean = np.where(counted > 0, scores / np.maximum(counted, 1), -np.inf)
     return round(float(lags_s[int(np.argmax(mean))]), 4)
 
