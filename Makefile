@@ -47,7 +47,7 @@ GT_DIR ?= data/calcium_gt
 bench-calcium: install
 	$(BIN)/python benchmarks/calcium.py --data-dir $(GT_DIR)
 
-# Retrain the shipped calcium network (src/nwbflow/ophys/weights/nwbflow-cnn-v2.*), ~7 min on 2 cores.
+# Retrain the shipped calcium network (src/nwbflow/ophys/weights/nwbflow-cnn-v3.*), ~7 min on 2 cores.
 train-calcium: install
 	$(BIN)/nwbflow train-calcium $(GT_DIR) --steps 16000 --seed 0
 

@@ -214,7 +214,7 @@ class SortingParams(_Params):
 
 
 #: The shipped calcium network (nwbflow/ophys/weights/<name>.pt), the default of CalciumParams.model.
-CALCIUM_MODEL = "nwbflow-cnn-v2"
+CALCIUM_MODEL = "nwbflow-cnn-v3"
 
 
 class CalciumParams(_Params):

@@ -37,7 +37,7 @@ def build_bank(datasets: list[GtDataset], spec: CnnSpec, seed: int,
                simulated_examples: int = SIMULATED_EXAMPLES) -> tuple[Bank, dict]:
     """Examples of every dataset (source = its index in ``datasets``) and of the simulator.
 
-    The datasets' spike-to-fluorescence lags are measured and the outliers aligned first
+    The datasets' spike-to-fluorescence lags are measured and aligned to one lag first
     (:mod:`.alignment`). Returns the bank and, per dataset name, its lag and the shift applied (s).
     """
     lags = [onset_lag_s(d) for d in datasets]
