@@ -7,7 +7,7 @@ zebrafish ones (GCaMP6f at 30 Hz). Part of that follows indicator rise
 times, part the set-ups' own timing, and a network cannot tell the two apart:
 trained on every dataset as recorded, it places GCaMP8 spikes one to two
 frames (8-16 ms) early and GCaMP6 spikes one frame late *on its own training
-data*, and GCaMP8 loses 0.05-0.07 of 40 ms-bin correlation from it. So every
+data*, and GCaMP8 loses 0.04-0.07 of 40 ms-bin correlation from it. So every
 training dataset's spike times are shifted to one lag, ``ALIGNED_LAG_S``, the
 lag of the fastest indicators: their sharp rises make a timing error cost
 most, while the smooth rates inferred on slow indicators lose little when
