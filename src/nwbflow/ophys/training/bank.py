@@ -5,10 +5,10 @@ levels: a crop of a recording is kept at its own rate (at most 100 Hz) or,
 half of the time, resampled to a rate drawn in [7 Hz, that rate] with the
 very function inference uses; then white and signal-dependent noise is
 added until a drawn target noise level is reached (never removed: already
-noisier data stay as they are). Simulated neurons (:mod:`.simulate`) cover indicator families and
-conditions the ground truth lacks. Every example then goes through
-inference's path: noise level at the recorded rate, resampling to the model
-rate, edge padding.
+noisier data stay as they are). Simulated neurons (:mod:`.simulate`) cover
+indicator families and conditions the ground truth lacks. Every example
+then goes through inference's path: noise level at the recorded rate,
+resampling to the model rate, edge padding.
 """
 
 from __future__ import annotations
