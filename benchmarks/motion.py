@@ -32,7 +32,8 @@ MAE = mean |e - median e|, P95 = 95th percentile of |e - median e|, RMSE = rms(e
 
 Rows (each in its own process: clean wall time and peak RSS; threads = ``--threads`` for torch and BLAS):
   none          zero motion: the error of not correcting at all (the scale of the drift)
-  ours          nwbflow.ephys.motion.estimate_motion, MotionParams() (our defaults)
+  ours          nwbflow.ephys.motion.estimate_motion, MotionParams() (our defaults), glibc's malloc
+                tuned first as the flow's stages do (tune_host_allocator)
   ours_paper    the same with MotionParams.paper() (the reference's hyper-parameters)
                 (``--ours-steps`` overrides training_steps, for quick checks of the harness only)
   reference     medicine.run_medicine(...) with its defaults (``--reference-steps`` = training_steps;
@@ -281,6 +282,8 @@ def run_none(data: dict) -> tuple:
 
 
 def run_ours(data: dict, paper: bool, device: str, tile: int, steps: int | None) -> tuple:
+    """Our fit, with the host allocator tuned as the flow's stages do (``stage_device``)."""
+    from nwbflow.device import tune_host_allocator
     from nwbflow.ephys.motion.medicine import estimate_motion
     from nwbflow.params import MotionParams
 
@@ -291,6 +294,7 @@ def run_ours(data: dict, paper: bool, device: str, tile: int, steps: int | None)
         duration_s = float(json.loads(str(data["meta"]))["duration_s"])
         times = np.concatenate([times + k * duration_s for k in range(tile)])
         depths, amps = np.tile(depths, tile), np.tile(amps, tile)
+    tune_host_allocator()
     clock = time.perf_counter()
     fit = estimate_motion(times, depths, amps, params, seed=SEED, device=device)
     _sync(device)

@@ -23,7 +23,8 @@ redundant and overmerged units as the comparison counts them; units found.
 
 Rows (each in its own process: clean wall time and peak RSS; threads = ``--threads`` for torch,
 BLAS and numba, and ``n_jobs`` of SpikeInterface's job kwargs), each on each recording:
-  ours            nwbflow without Prefect: preprocess_to_binary (PreprocessParams()) -> iter_peaks
+  ours            nwbflow without Prefect, glibc's malloc tuned first as the flow's stages do
+                  (tune_host_allocator): preprocess_to_binary (PreprocessParams()) -> iter_peaks
                   (PeakParams(localization="monopolar_triangulation")) -> estimate_motion
                   (MotionParams(), on |amplitude|) -> correct_motion_to_binary (whitening-aware) ->
                   sort_traces (SortingParams()) on the corrected, whitened binary; each phase timed
@@ -154,7 +155,11 @@ def unit_table(sorting, extra: dict, noise_levels_uv: np.ndarray, duration_s: fl
 
 # ------------------------------------------------------------------------------------------- rows
 def run_ours(recording, workdir: Path, motion: bool, until: str, device: str) -> tuple:
-    """Our chain on the raw recording; returns (sorting or None, seconds, extra)."""
+    """Our chain on the raw recording; returns (sorting or None, seconds, extra).
+
+    The host allocator is tuned first, as the flow's stages do (``stage_device``).
+    """
+    from nwbflow.device import tune_host_allocator
     from nwbflow.ephys.chunks import open_binary
     from nwbflow.ephys.preprocess import preprocess_to_binary
     from nwbflow.evaluation import RecordingSource
@@ -165,6 +170,7 @@ def run_ours(recording, workdir: Path, motion: bool, until: str, device: str) ->
     positions = recording.get_channel_locations().astype(np.float64)
     num_channels, fs = recording.get_num_channels(), recording.sampling_frequency
     clock = time.perf_counter()
+    extra["host_allocator_tuned"] = tune_host_allocator()
     pre_params = PreprocessParams()
     pre = preprocess_to_binary(RecordingSource(recording), pre_params, workdir / "preprocessed.bin", device=device)
     phases["preprocess"] = _lap(clock, phases, device)

@@ -1,8 +1,12 @@
-"""Resolve the compute device once, at the task boundary; out-of-memory helpers."""
+"""Resolve the compute device once, at the task boundary; the host allocator; out-of-memory helpers."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import os
+import platform
 from collections.abc import Callable
 
 import torch
@@ -23,6 +27,47 @@ def resolve_device(requested: str = "auto") -> torch.device:
                                 fix="use --device cpu or auto")
     log.info("compute device: %s", device)
     return device
+
+
+#: glibc ``mallopt`` settings of :func:`tune_host_allocator`: (option number, bytes).
+HOST_ALLOCATOR_SETTINGS = {
+    "M_TRIM_THRESHOLD": (-1, 256 << 20),  # free memory kept at the heap's top before it is given back
+    "M_TOP_PAD": (-2, 64 << 20),  # extra memory taken from the OS whenever the heap grows
+    "M_MMAP_THRESHOLD": (-3, 1 << 30),  # only blocks this large get their own mapping
+}
+
+
+@functools.cache
+def tune_host_allocator() -> bool:
+    """Let glibc's malloc reuse freed tensor memory instead of mapping fresh pages for every tensor.
+
+    With glibc's defaults, blocks above its mapping threshold (a few MiB to
+    32 MiB: activations, a chunk's snippets and scores) are mapped on
+    allocation and unmapped on free, so torch ops on them start with
+    thousands of page faults. Measured on the 2-core VM: MEDiCINe's fit runs
+    at 14.2 ms per step with the defaults and 10.5 ms with these settings;
+    ``sort_traces`` on the 300 s benchmark recording takes 15.4 s instead of
+    30.1 s (10.4 million minor page faults -> 0.1 million; peak RSS 697 ->
+    670 MB). Freed memory stays in the process up to ``M_TRIM_THRESHOLD``
+    (256 MiB) at the heap's top; peak memory is unchanged.
+
+    The settings govern the main thread's heap, where the flow runs its stages
+    (Prefect calls them there); a worker thread's heap maps its blocks above
+    64 MiB whatever the settings (measured: no gain for ``sort_traces`` in a
+    thread). Process-wide and idempotent; does nothing (returns False) off
+    glibc or where the user set malloc tunables in the environment
+    (``GLIBC_TUNABLES`` or ``MALLOC_*_``), which then stay in charge.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):
+        log.info("host allocator: malloc tunables set in the environment, left as they are")
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    refused = [name for name, (option, value) in HOST_ALLOCATOR_SETTINGS.items() if mallopt(option, value) != 1]
+    if refused:
+        log.warning("host allocator: glibc refused %s", ", ".join(refused))
+    return not refused
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

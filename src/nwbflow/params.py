@@ -104,8 +104,9 @@ class MotionParams(_Params):
     amplitude_threshold_quantile: float = Field(
         0.0, ge=0, lt=1, description="Fraction of smallest-|amplitude| peaks ignored.")
     hidden_features: tuple[int, ...] = Field(
-        (128, 128), min_length=1, max_length=4,
-        description="Hidden layer widths of the activity network (the paper: 256, 256).")
+        (96, 96), min_length=1, max_length=4,
+        description="Hidden layer widths of the activity network (the paper: 256, 256; 128, 128: 0.05 µm lower "
+                    "error for 1.4x the fit time, benchmarks/RESULTS.md).")
     batch_size: int = Field(4096, ge=64, le=1 << 20, description="Real peaks per step (as many negatives).")
     training_steps: int = Field(4000, ge=1, le=1_000_000,
                                 description="Optimizer steps (at most); the paper: 10 000.")

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from prefect.concurrency.sync import concurrency
 
-from nwbflow.device import resolve_device
+from nwbflow.device import resolve_device, tune_host_allocator
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +21,13 @@ GPU_LIMIT = "gpu"
 def stage_device(requested: str, stage: str) -> Iterator[torch.device]:
     """Resolve ``requested`` ("auto" | "cpu" | "cuda") and hold a ``gpu`` slot while on CUDA.
 
+    The host allocator is tuned first (:func:`~nwbflow.device.tune_host_allocator`).
+
     Global concurrency limits hand a slot to the next waiter faster than tag
     limits. Where no limit named ``gpu`` exists, the stage runs unthrottled
     (Prefect logs that); create one with ``prefect gcl create gpu --limit N``.
     """
+    tune_host_allocator()
     device = resolve_device(requested)
     log.info("stage %s runs on %s", stage, device)
     if device.type != "cuda":
