@@ -10,7 +10,7 @@ from nwbflow.ephys.chunks import ArraySource, open_binary
 from nwbflow.ephys.sorting import sort_traces
 from nwbflow.ephys.sorting.clustering import cluster_features, dip_split
 from nwbflow.ephys.sorting.features import ScaledSource, _Reservoir
-from nwbflow.ephys.sorting.matching import match_recording
+from nwbflow.ephys.sorting.matching import match_recording, score_noise_levels
 from nwbflow.ephys.sorting.metrics import UnitWaveforms, quality_metrics
 from nwbflow.ephys.sorting.templates import Templates
 from nwbflow.errors import BadInputError
@@ -37,10 +37,37 @@ def test_cross_products_equal_brute_force_shifted_inner_products():
                 assert products[j, k, lag + width - 1].item() == pytest.approx(expected, abs=1e-4)
 
 
-def _white_noise_autocorrelation(num_channels: int, width: int) -> torch.Tensor:
-    autocorrelation = torch.zeros(num_channels, width)
-    autocorrelation[:, 0] = 1.0
-    return autocorrelation
+def _white_noise_levels(templates: Templates) -> torch.Tensor:
+    """Each template's matched-filter output SD on unit white noise: its norm."""
+    return templates.squared_norms().sqrt()
+
+
+def test_score_noise_levels_measure_correlated_noise_and_skip_spikes():
+    # Noise correlated in time (an FIR) and across channels (a mixing matrix), as band-passed noise
+    # whitened on spiking data is; the output SD of W on it is the norm of W mixed back and
+    # convolved with the FIR, not ||W||. Large spikes (12 noise SD, 20 Hz) must not count.
+    rng = np.random.default_rng(5)
+    templates = _templates(4, 6, seed=5)
+    fir = np.array([0.5, 1.0, 0.6, -0.3, -0.4])
+    mixing = np.eye(6) + 0.4 * rng.normal(size=(6, 6))
+    white = rng.normal(size=(400_000, 6))
+    colored = np.stack([np.convolve(white[:, c], fir, mode="same") for c in range(6)], axis=1) @ mixing.T
+    scales = 1.0 / colored.std(axis=0)
+    noise = colored * scales
+    expected = []
+    for w in templates.dense().double().numpy():  # (T, C): score = sum_t,c w[t,c] x[t,c]; x = scale * (fir * n) M^T
+        mixed = (w * scales) @ mixing  # weights on the white noise's channels
+        equivalent = np.stack([np.convolve(mixed[:, d], fir[::-1]) for d in range(6)], axis=1)
+        expected.append(np.sqrt((equivalent ** 2).sum()))
+    traces = noise.copy()
+    dense = templates.dense().numpy()
+    for time in rng.choice(np.arange(100, len(traces) - 100), 400_000 // 1500, replace=False):
+        traces[time:time + templates.width] += 12.0 * dense[rng.integers(4)] / np.abs(dense).max()
+    scaled = ScaledSource(ArraySource(traces.astype(np.float32), FS), np.ones(6), torch.device("cpu"))
+    measured = score_noise_levels(scaled, templates, chunk_samples=40_000, seed=0).numpy()
+    # 5 chunks of 40 000 scores, correlated over ~35 lags: ~5 700 independent, SD error ~1 %; 4 % is 4 sigma.
+    np.testing.assert_allclose(measured, expected, rtol=0.04)
+    assert np.max(np.abs(_white_noise_levels(templates).numpy() / expected - 1)) > 0.1  # ||W|| would be wrong
 
 
 @pytest.mark.parametrize("passes, expected", [(1, 1), (4, 2)])
@@ -55,7 +82,7 @@ def test_matching_subtracts_and_finds_a_spike_hidden_under_a_larger_one(device, 
     scaled = ScaledSource(source, np.ones(6), torch.device(device))
     found = match_recording(scaled, Templates(templates.basis.to(device), templates.spatial.to(device),
                                               templates.before), threshold=5.0, passes=passes,
-                            chunk_samples=700, autocorrelation=_white_noise_autocorrelation(6, 31).to(device))
+                            chunk_samples=700, score_noise=_white_noise_levels(templates).to(device))
     assert len(found.samples) == expected
     assert found.samples[0] in (1000, 1006)
     if expected == 2:
@@ -75,7 +102,7 @@ def test_matching_is_the_same_whatever_the_chunking():
     for time, unit in zip(times, rng.integers(0, 3, len(times))):
         traces[time - templates.before:time - templates.before + templates.width] += dense[unit]
     scaled = ScaledSource(ArraySource(traces, FS), np.ones(8), torch.device("cpu"))
-    runs = [match_recording(scaled, templates, 6.0, 4, chunk, _white_noise_autocorrelation(8, 31))
+    runs = [match_recording(scaled, templates, 6.0, 4, chunk, _white_noise_levels(templates))
             for chunk in (20_000, 1_777, 5_000)]
     for run in runs[1:]:
         np.testing.assert_array_equal(run.samples, runs[0].samples)

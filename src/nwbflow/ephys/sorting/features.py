@@ -227,39 +227,6 @@ def collect_spikes(scaled: ScaledSource, tables: DetectionTables, neighbourhoods
     return subset
 
 
-#: Samples farther than this (noise units) from zero, and their neighbourhood, are left out of
-#: the noise autocorrelation (they are spikes, not noise).
-NOISE_EXCLUSION_LEVEL = 4.0
-NOISE_SAMPLE_CHUNKS = 10
-
-
-def noise_autocorrelation(scaled: ScaledSource, geometry: SnippetGeometry, chunk_samples: int,
-                          seed: int) -> torch.Tensor:
-    """(C, T) per-channel autocorrelation of the noise-scaled traces at lags 0..T-1, spikes masked.
-
-    Band-passed noise is correlated in time, so a template's matched-filter output has a
-    variance of ``sum_c w_c' R_c w_c`` (``R_c`` the Toeplitz matrix of channel c's
-    autocorrelation), not ``||w||^2``; matching thresholds use it. Samples within a template
-    width of any value beyond :data:`NOISE_EXCLUSION_LEVEL` are masked, and each lag's sum is
-    divided by the number of unmasked pairs.
-    """
-    width = geometry.width
-    total = torch.zeros((scaled.source.num_channels, width), dtype=torch.float64, device=scaled.device)
-    pairs = torch.zeros_like(total)
-    for start, end in sample_chunk_ranges(scaled.source.num_samples, chunk_samples, NOISE_SAMPLE_CHUNKS, seed):
-        traces, _ = scaled.window(int(start), int(end), 0)
-        loud = (traces.abs() > NOISE_EXCLUSION_LEVEL).T.float().unsqueeze(1)  # (C, 1, S)
-        near = torch.nn.functional.max_pool1d(loud, 2 * width + 1, stride=1, padding=width).squeeze(1) > 0
-        quiet = (~near).double()
-        values = traces.T.double() * quiet
-        n = values.shape[1]
-        size = 1 << (n + width).bit_length()
-        spectrum, mask_spectrum = torch.fft.rfft(values, n=size), torch.fft.rfft(quiet, n=size)
-        total += torch.fft.irfft(spectrum * spectrum.conj(), n=size)[:, :width]
-        pairs += torch.fft.irfft(mask_spectrum * mask_spectrum.conj(), n=size)[:, :width]
-    return (total / pairs.clamp(min=1.0)).float()
-
-
 #: Quantile over sampled chunks of each channel's per-chunk noise level (see robust_noise_levels).
 NOISE_CHUNK_QUANTILE = 0.8
 #: Chunks sampled for the noise levels, and their length (s).

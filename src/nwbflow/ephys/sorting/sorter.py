@@ -23,9 +23,8 @@ import torch
 from nwbflow.ephys.chunks import ProgressFn, TraceSource
 from nwbflow.ephys.sorting.clustering import cluster_features
 from nwbflow.ephys.sorting.features import (Neighbourhoods, ScaledSource, SnippetGeometry, SpikeSubset,
-                                            NothingToSort, collect_spikes, detection_tables, noise_autocorrelation,
-                                            robust_noise_levels, temporal_basis)
-from nwbflow.ephys.sorting.matching import Matches, match_recording
+                                            NothingToSort, collect_spikes, detection_tables, robust_noise_levels, temporal_basis)
+from nwbflow.ephys.sorting.matching import Matches, match_recording, score_noise_levels
 from nwbflow.ephys.sorting.postprocess import merge_oversplit_units
 from nwbflow.ephys.sorting.templates import Templates, merge_duplicates, restrict_to_radius, template_basis
 from nwbflow.errors import BadInputError
@@ -132,7 +131,6 @@ def _sort(source: TraceSource, positions: np.ndarray, params: SortingParams, dev
 
     tables = detection_tables(positions, fs, params, device)
     basis = temporal_basis(scaled, tables, geometry, params.temporal_components, chunk_samples, params.seed)
-    autocorrelation = noise_autocorrelation(scaled, geometry, chunk_samples, params.seed)
     neighbourhoods = Neighbourhoods.build(positions, params.clustering_radius_um, device)
     subset = collect_spikes(scaled, tables, neighbourhoods, basis, geometry, params, chunk_samples, passes.next())
     templates, counts = initial_templates(subset, neighbourhoods, basis, geometry, params, device)
@@ -144,10 +142,12 @@ def _sort(source: TraceSource, positions: np.ndarray, params: SortingParams, dev
 
     for _ in range(params.template_update_passes):
         matches = match_recording(scaled, templates, params.match_threshold, params.match_passes, chunk_samples,
-                                  autocorrelation, accumulate=True, progress=passes.next())
+                                  score_noise_levels(scaled, templates, chunk_samples, params.seed),
+                                  accumulate=True, progress=passes.next())
         templates = updated_templates(templates, matches, params, positions, max_lag)
     matches = match_recording(scaled, templates, params.match_threshold, params.match_passes, chunk_samples,
-                              autocorrelation, progress=passes.next())
+                              score_noise_levels(scaled, templates, chunk_samples, params.seed),
+                              progress=passes.next())
     spike_units, template_units = merge_oversplit_units(matches, templates, params, fs, source.num_samples, max_lag)
     counts = np.bincount(spike_units, minlength=int(template_units.max()) + 1)
     big = counts >= params.min_unit_spikes
