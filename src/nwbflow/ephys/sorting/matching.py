@@ -9,8 +9,8 @@ For each chunk (read with a margin of twice the template width, noise-scaled):
    ``score^2 / ||W_k||^2`` (amplitude ``a = score / ||W_k||^2`` within :data:`AMPLITUDE_RANGE`),
    among the units whose score reaches ``match_threshold`` standard deviations of that unit's
    matched-filter output on noise (band-passed noise is correlated in time, so that is not
-   ``||W_k||``: :func:`score_noise_levels` measures it); times where the best is a local maximum (± half a
-   template) are spikes;
+   ``||W_k||``: :func:`score_noise_levels` measures it); times where the best is a local
+   maximum (± half a template) are spikes;
 3. the spikes are subtracted: instead of recomputing the scores on the residual, each
    subtraction updates them through the templates' shifted inner products
    (``Templates.cross_products``) — exact, and cheap;
@@ -94,13 +94,13 @@ def score_noise_levels(scaled: ScaledSource, templates: Templates, chunk_samples
         traces, _ = scaled.window(int(start), int(end), 0)
         if traces.shape[0] < width:
             continue
-        squares = template_scores(traces, templates).T.double() ** 2  # (L, K)
+        squares = template_scores(traces, templates).T ** 2  # (L, K), float32; sums in float64
         loud = (traces.abs() > NOISE_EXCLUSION_LEVEL).T.float().unsqueeze(1)  # (C, 1, S)
         near = torch.nn.functional.max_pool1d(loud, 2 * width + 1, stride=1, padding=width).squeeze(1)
-        quiet = ((near.T[:squares.shape[0]] @ support) == 0).double()  # (L, K)
-        sums[0] += (squares * quiet).sum(dim=0)
-        counts[0] += quiet.sum(dim=0)
-        sums[1] += squares.sum(dim=0)
+        quiet = ((near.T[:squares.shape[0]] @ support) == 0).float()  # (L, K)
+        sums[0] += (squares * quiet).sum(dim=0, dtype=torch.float64)
+        counts[0] += quiet.sum(dim=0, dtype=torch.float64)
+        sums[1] += squares.sum(dim=0, dtype=torch.float64)
         counts[1] += squares.shape[0]
     if not bool((counts[1] > 0).all()):
         return templates.squared_norms().sqrt()  # no sampled chunk as long as a template: white noise's value

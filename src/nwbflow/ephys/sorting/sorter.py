@@ -23,7 +23,8 @@ import torch
 from nwbflow.ephys.chunks import ProgressFn, TraceSource
 from nwbflow.ephys.sorting.clustering import cluster_features
 from nwbflow.ephys.sorting.features import (Neighbourhoods, ScaledSource, SnippetGeometry, SpikeSubset,
-                                            NothingToSort, collect_spikes, detection_tables, robust_noise_levels, temporal_basis)
+                                            NothingToSort, collect_spikes, detection_tables, robust_noise_levels,
+                                            temporal_basis)
 from nwbflow.ephys.sorting.matching import Matches, match_recording, score_noise_levels
 from nwbflow.ephys.sorting.postprocess import merge_oversplit_units
 from nwbflow.ephys.sorting.templates import Templates, merge_duplicates, restrict_to_radius, template_basis
