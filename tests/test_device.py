@@ -33,11 +33,16 @@ _PROBE = textwrap.dedent("""
 """)
 
 
-def _probe(mode: str, **env: str) -> dict:
+def _run(code: str, *args: str, **env: str) -> str:
+    """Last stdout line of ``code`` run in a fresh interpreter, malloc variables replaced by ``env``."""
     clean = {k: v for k, v in os.environ.items() if not (k.startswith("MALLOC_") or k == "GLIBC_TUNABLES")}
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], env={**clean, **env}, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code, *args], env={**clean, **env}, capture_output=True,
                          text=True, check=True)
-    return json.loads(out.stdout.splitlines()[-1])
+    return out.stdout.splitlines()[-1]
+
+
+def _probe(mode: str) -> dict:
+    return json.loads(_run(_PROBE, mode))
 
 
 def test_tuned_allocator_reuses_freed_tensor_memory():
@@ -48,4 +53,6 @@ def test_tuned_allocator_reuses_freed_tensor_memory():
 
 
 def test_malloc_settings_from_the_environment_are_left_in_charge():
-    assert _probe("tune", MALLOC_TOP_PAD_="1")["tuned"] is False
+    tune = "from nwbflow.device import tune_host_allocator; print(tune_host_allocator())"
+    assert _run(tune) == "True"
+    assert _run(tune, MALLOC_TOP_PAD_="1") == "False"

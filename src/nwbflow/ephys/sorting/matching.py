@@ -85,11 +85,11 @@ def score_noise_levels(scaled: ScaledSource, templates: Templates, chunk_samples
     :data:`NOISE_EXCLUSION_LEVEL` on any of the template's channels (a spike, not noise); a
     template left with fewer than :data:`MIN_NOISE_SCORES` quiet scores uses all of them.
     """
-    device = scaled.device
     width = templates.width
     support = (templates.spatial.abs().sum(dim=2) > 0).T.float()  # (C, K)
-    sums = torch.zeros((2, templates.num_units), dtype=torch.float64, device=device)  # quiet, all
-    counts = torch.zeros_like(sums)
+    quiet_sums, quiet_counts, all_sums = (torch.zeros(templates.num_units, dtype=torch.float64,
+                                                      device=scaled.device) for _ in range(3))
+    scored = 0  # scores per template, quiet or not
     for start, end in sample_chunk_ranges(scaled.source.num_samples, chunk_samples, NOISE_SAMPLE_CHUNKS, seed):
         traces, _ = scaled.window(int(start), int(end), 0)
         if traces.shape[0] < width:
@@ -98,14 +98,14 @@ def score_noise_levels(scaled: ScaledSource, templates: Templates, chunk_samples
         loud = (traces.abs() > NOISE_EXCLUSION_LEVEL).T.float().unsqueeze(1)  # (C, 1, S)
         near = torch.nn.functional.max_pool1d(loud, 2 * width + 1, stride=1, padding=width).squeeze(1)
         quiet = ((near.T[:squares.shape[0]] @ support) == 0).float()  # (L, K)
-        sums[0] += (squares * quiet).sum(dim=0, dtype=torch.float64)
-        counts[0] += quiet.sum(dim=0, dtype=torch.float64)
-        sums[1] += squares.sum(dim=0, dtype=torch.float64)
-        counts[1] += squares.shape[0]
-    if not bool((counts[1] > 0).all()):
+        quiet_sums += (squares * quiet).sum(dim=0, dtype=torch.float64)
+        quiet_counts += quiet.sum(dim=0, dtype=torch.float64)
+        all_sums += squares.sum(dim=0, dtype=torch.float64)
+        scored += squares.shape[0]
+    if scored == 0:
         return templates.squared_norms().sqrt()  # no sampled chunk as long as a template: white noise's value
-    enough = counts[0] >= MIN_NOISE_SCORES
-    variance = torch.where(enough, sums[0] / counts[0].clamp(min=1), sums[1] / counts[1])
+    variance = torch.where(quiet_counts >= MIN_NOISE_SCORES, quiet_sums / quiet_counts.clamp(min=1),
+                           all_sums / scored)
     return variance.sqrt().float()
 
 
