@@ -190,12 +190,13 @@ def _accumulate_snippets(traces: torch.Tensor, tables: MatchTables, starts: torc
 
 
 def match_recording(scaled: ScaledSource, templates: Templates, threshold: float, passes: int, chunk_samples: int,
-                    score_noise: torch.Tensor, *, accumulate: bool = False,
+                    score_noise: torch.Tensor, *, accumulate: bool = False, ranges: np.ndarray | None = None,
                     progress: ProgressFn | None = None) -> Matches:
-    """Template matching over the whole recording, chunk by chunk (memory: one chunk).
+    """Template matching over the recording, chunk by chunk (memory: one chunk).
 
     ``threshold`` is in units of ``score_noise`` (K,), each template's matched-filter output
-    standard deviation on noise (:func:`score_noise_levels`; ``||W_k||`` for white noise)."""
+    standard deviation on noise (:func:`score_noise_levels`; ``||W_k||`` for white noise).
+    ``ranges`` (n, 2) restricts matching to those chunks of the grid (default: all of it)."""
     source, device = scaled.source, scaled.device
     tables = MatchTables.build(templates, threshold, passes, score_noise)
     margin = 2 * templates.width
@@ -217,10 +218,11 @@ def match_recording(scaled: ScaledSource, templates: Templates, threshold: float
             sums.add_(chunk_sums)
             counts.add_(chunk_counts)
 
-    for start, end in chunk_ranges(source.num_samples, chunk_samples):
+    ranges = chunk_ranges(source.num_samples, chunk_samples) if ranges is None else ranges
+    for done, (start, end) in enumerate(ranges, start=1):
         backoff.run(step, int(start), int(end))
         if progress is not None:
-            progress(int(end), source.num_samples)
+            progress(done * source.num_samples // len(ranges), source.num_samples)
     if parts:
         samples, units, amplitudes = (np.concatenate(column) for column in zip(*parts))
     else:
