@@ -190,13 +190,12 @@ def _accumulate_snippets(traces: torch.Tensor, tables: MatchTables, starts: torc
 
 
 def match_recording(scaled: ScaledSource, templates: Templates, threshold: float, passes: int, chunk_samples: int,
-                    score_noise: torch.Tensor, *, accumulate: bool = False, ranges: np.ndarray | None = None,
+                    score_noise: torch.Tensor, *, accumulate: bool = False,
                     progress: ProgressFn | None = None) -> Matches:
-    """Template matching over the recording, chunk by chunk (memory: one chunk).
+    """Template matching over the whole recording, chunk by chunk (memory: one chunk).
 
     ``threshold`` is in units of ``score_noise`` (K,), each template's matched-filter output
-    standard deviation on noise (:func:`score_noise_levels`; ``||W_k||`` for white noise).
-    ``ranges`` (n, 2) restricts matching to those chunks of the grid (default: all of it)."""
+    standard deviation on noise (:func:`score_noise_levels`; ``||W_k||`` for white noise)."""
     source, device = scaled.source, scaled.device
     tables = MatchTables.build(templates, threshold, passes, score_noise)
     margin = 2 * templates.width
@@ -218,11 +217,10 @@ def match_recording(scaled: ScaledSource, templates: Templates, threshold: float
             sums.add_(chunk_sums)
             counts.add_(chunk_counts)
 
-    ranges = chunk_ranges(source.num_samples, chunk_samples) if ranges is None else ranges
-    for done, (start, end) in enumerate(ranges, start=1):
+    for start, end in chunk_ranges(source.num_samples, chunk_samples):
         backoff.run(step, int(start), int(end))
         if progress is not None:
-            progress(done * source.num_samples // len(ranges), source.num_samples)
+            progress(int(end), source.num_samples)
     if parts:
         samples, units, amplitudes = (np.concatenate(column) for column in zip(*parts))
     else:

@@ -1,4 +1,4 @@
-"""After matching: merges of over-split units, and removal of satellite units.
+"""After matching: merges of over-split units.
 
 Two units are one neuron split in two when their templates are nearly the same shape and
 their spike trains never come closer than a refractory period: their cross-correlogram has
@@ -7,13 +7,6 @@ the refractory dip an auto-correlogram has. Pairs whose templates correlate at l
 ``refractory_ms`` is at most :data:`REFRACTORY_FRACTION` of the count two independent trains
 of those rates would give. When that expectation is too small to test
 (< :data:`MIN_EXPECTED_PAIRS`), only near-identical templates (:data:`IDENTICAL_SIMILARITY`) merge.
-
-A *satellite* is a small unit whose spikes are copies of larger units' spikes: most of them sit
-at one fixed lag from a larger unit's spikes. What a large spike leaves that its template does
-not explain is matched that way: the echo the median common reference spreads to every channel,
-band-pass ringing, a fragment on channels beyond the template's radius. Independent neurons
-share so fixed a lag by chance only (rate x (2 x jitter + 1) samples: a few % at most), so
-satellites (:data:`SATELLITE_FRACTION` of the spikes) are dropped.
 """
 
 from __future__ import annotations
@@ -25,9 +18,6 @@ from nwbflow.ephys.sorting.templates import Templates, similarity
 from nwbflow.params import SortingParams
 
 REFRACTORY_FRACTION = 0.2
-#: A unit is a satellite when this fraction of its spikes lie at one lag (± SATELLITE_JITTER samples,
-#: within a template's width) from spikes of units at least SATELLITE_SIZE_RATIO times its peak size.
-SATELLITE_FRACTION, SATELLITE_JITTER, SATELLITE_SIZE_RATIO = 0.5, 2, 2.0
 MIN_EXPECTED_PAIRS = 5.0
 IDENTICAL_SIMILARITY = 0.97
 
@@ -78,39 +68,3 @@ def merge_oversplit_units(matches: Matches, templates: Templates, params: Sortin
     roots = np.array([root(k) for k in range(num_templates)])
     _, template_units = np.unique(roots, return_inverse=True)
     return template_units[matches.units].astype(np.int64), template_units.astype(np.int64)
-
-
-def satellite_units(spike_samples: np.ndarray, spike_units: np.ndarray, unit_sizes: np.ndarray,
-                    width: int) -> np.ndarray:
-    """(U,) bool, True for satellite units (module docstring).
-
-    Parameters
-    ----------
-    spike_samples, spike_units : (N,) int64, spikes (samples ascending) and their units 0..U-1
-    unit_sizes : (U,) float, each unit's template peak (any units, the same for all)
-    width : int, largest lag (samples) at which a spike can copy another: a template's width
-    """
-    num_units = len(unit_sizes)
-    trains = [spike_samples[spike_units == unit] for unit in range(num_units)]
-    satellite = np.zeros(num_units, dtype=bool)
-    for unit, train in enumerate(trains):
-        locked = np.zeros(len(train), dtype=bool)
-        for parent in np.nonzero(unit_sizes >= SATELLITE_SIZE_RATIO * unit_sizes[unit])[0]:
-            lags = _nearest_lags(train, trains[parent])
-            near = np.abs(lags) <= width
-            if not near.any():
-                continue
-            mode = int(np.argmax(np.bincount(lags[near] + width))) - width
-            locked |= near & (np.abs(lags - mode) <= SATELLITE_JITTER)
-        satellite[unit] = len(train) > 0 and locked.mean() >= SATELLITE_FRACTION
-    return satellite
-
-
-def _nearest_lags(train: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """For each sample of ``train``, its lag to the nearest sample of the sorted ``other``
-    (``train - other``; a huge value when ``other`` is empty)."""
-    if not len(other):
-        return np.full(len(train), np.iinfo(np.int64).max // 2)
-    index = np.searchsorted(other, train)
-    before, after = other[np.clip(index - 1, 0, len(other) - 1)], other[np.clip(index, 0, len(other) - 1)]
-    return np.where(np.abs(train - before) <= np.abs(train - after), train - before, train - after)
