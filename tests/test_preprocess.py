@@ -143,6 +143,20 @@ def test_fft_lengths_are_radix_2_heavy_5_smooth_and_minimal():
         assert not any(allowed(m) for m in range(n, length))
 
 
+@pytest.mark.parametrize("num_samples, width", [(1000, 61), (61, 61), (777, 5)])
+def test_fft_correlation_equals_numpy_valid_correlation(device, num_samples, width):
+    from nwbflow.ephys.filtering import correlate_valid
+
+    rng = np.random.default_rng(num_samples)
+    traces, kernels = rng.normal(size=(num_samples, 3)), rng.normal(size=(2, width))
+    expected = np.stack([[np.correlate(traces[:, c], k, mode="valid") for c in range(3)] for k in kernels])
+    found = correlate_valid(torch.as_tensor(traces, dtype=torch.float32, device=device),
+                            torch.as_tensor(kernels, dtype=torch.float32, device=device)).cpu().numpy()
+    assert found.shape == (2, 3, num_samples - width + 1)
+    # float32 FFT of length <= 1200: rounding ~1e-6 of the sum of |terms| (<= ~60 here).
+    np.testing.assert_allclose(found, expected, atol=1e-3)
+
+
 @pytest.mark.parametrize("common_reference,whiten", [(False, False), (True, True)])
 def test_chunk_boundaries_are_invisible(tmp_path, device, common_reference, whiten):
     mixing = 10.0 * np.eye(6) + 4.0

@@ -93,6 +93,23 @@ def test_matching_subtracts_and_finds_a_spike_hidden_under_a_larger_one(device, 
         np.testing.assert_allclose(found.amplitudes[order], [2.0, 0.9], rtol=0.01)
 
 
+def test_matching_refuses_a_half_size_copy_of_a_template_but_takes_a_smaller_spike_in_range():
+    # Both are far above threshold (score 0.5 ||W||^2 = 0.5 x ~18 noise SD); only the scaling differs.
+    from nwbflow.ephys.sorting.matching import AMPLITUDE_RANGE
+
+    templates = _templates(1, 6)
+    dense = templates.dense()
+    traces = torch.zeros(3000, 6)
+    for centre, scale in ((1000, 0.5), (2000, 0.7)):
+        traces[centre - templates.before:centre - templates.before + templates.width] += scale * dense[0]
+    scaled = ScaledSource(ArraySource(traces.numpy(), FS), np.ones(6), torch.device("cpu"))
+    found = match_recording(scaled, templates, threshold=5.0, passes=2, chunk_samples=3000,
+                            score_noise=_white_noise_levels(templates))
+    assert AMPLITUDE_RANGE[0] > 0.5
+    assert found.samples.tolist() == [2000]
+    np.testing.assert_allclose(found.amplitudes, [0.7], rtol=0.01)
+
+
 def test_matching_is_the_same_whatever_the_chunking():
     rng = np.random.default_rng(3)
     templates = _templates(3, 8, seed=3)
@@ -203,7 +220,8 @@ def test_sorting_recovers_ground_truth_units(ground_truth, device):
     """At least 8 of 10 units with accuracy >= 0.8 (SpikeInterface's comparison, 0.4 ms tolerance).
 
     The issue's bar; on this seed every unit is above threshold (peak >= 4.4 noise SDs on the
-    whitened traces) and all 10 are found on the CPU (measured: 10/10, no false positive).
+    whitened traces) and all 10 are found on the CPU (measured: 10/10, no false-positive unit; one,
+    a template built from spike fragments, before misaligned units were dropped).
     """
     import spikeinterface.core as sc
     from spikeinterface.comparison import compare_sorter_to_ground_truth
@@ -237,3 +255,43 @@ def test_a_spikeinterface_sorter_runs_on_the_series_through_our_reader(small_ses
                                                       SortingParams(sorter="simple"), tmp_path / "si")
     assert count >= 3 and len(samples) == len(units) > 100
     assert np.all(np.diff(samples) >= 0) and samples.max() < num_samples and set(units) <= set(range(count))
+
+
+def test_satellite_units_are_copies_of_larger_units_at_a_fixed_lag():
+    from nwbflow.ephys.sorting.postprocess import satellite_units
+
+    rng = np.random.default_rng(4)
+    big = np.sort(rng.choice(3_000_000, 1_500, replace=False))
+    independent = np.sort(rng.choice(3_000_000, 800, replace=False))  # small, fires on its own
+    echo = np.sort(rng.choice(big, 600, replace=False) + 17 + rng.integers(-1, 2, 600))  # 17 samples after big
+    # Half at its own times, half locked: not a satellite (below SATELLITE_FRACTION).
+    mixed = np.sort(np.concatenate([rng.choice(3_000_000, 500, replace=False), rng.choice(big, 300) - 9]))
+    samples = np.concatenate([big, independent, echo, mixed])
+    units = np.repeat(np.arange(4), [len(big), len(independent), len(echo), len(mixed)])
+    order = np.argsort(samples, kind="stable")
+    sizes = np.array([20.0, 3.0, 3.0, 3.0])
+    assert satellite_units(samples[order], units[order], sizes, width=61).tolist() == [False, False, True, False]
+    # A copy as large as its parent is not a satellite (size ratio below 2): the test can fail.
+    assert not satellite_units(samples[order], units[order], np.array([20.0, 3.0, 15.0, 3.0]), width=61)[2]
+
+
+def test_misaligned_units_have_their_template_trough_away_from_the_detection_sample():
+    from nwbflow.ephys.sorting.postprocess import misaligned_units
+
+    before, width, channels = 20, 61, 4
+    t = np.arange(width)[:, None]
+
+    def spike(trough: int, sign: float = -1.0) -> np.ndarray:
+        trough_phase = np.exp(-0.5 * ((t - trough) / 3.0) ** 2)
+        repolarisation = 0.3 * np.exp(-0.5 * ((t - trough - 12) / 6.0) ** 2)
+        return sign * (trough_phase - repolarisation) * np.array([1.0, 0.6, 0.3, 0.1])[None, :channels]
+
+    templates = np.stack([
+        spike(before),                      # unit 0: trough on the detection sample
+        spike(before + 2),                  # unit 1: 2 samples late (0.07 ms), within the jitter
+        spike(before + 6),                  # unit 2: 0.2 ms late, a fragment
+        spike(before + 15, sign=1.0) * 3,   # unit 3's largest template: positive, its trough elsewhere
+        spike(before) * 0.5,                # unit 3's smaller template, aligned: the largest decides
+    ]).astype(np.float32)
+    misaligned = misaligned_units(templates, np.array([0, 1, 2, 3, 3]), 5, before, FS)
+    assert misaligned.tolist() == [False, False, True, True, False]  # unit 4 has no template: not flagged

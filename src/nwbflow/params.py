@@ -165,7 +165,11 @@ class SortingParams(_Params):
     sorter_params: dict[str, float | int | str | bool | None] = Field(
         default_factory=dict, description="Parameters passed to a SpikeInterface sorter (ignored by 'nwbflow').")
     detect_threshold_mad: float = Field(
-        5.5, gt=1, le=50, description="Threshold of the detection that feeds clustering (noise MAD units).")
+        5.5, gt=1, le=50, description="Threshold of the per-channel detection that samples waveforms for the "
+                                      "temporal basis and the detection prototypes (noise MAD units).")
+    footprint_threshold: float = Field(
+        5.0, gt=1, le=100, description="Threshold of the detection that feeds clustering: prototype waveforms "
+                                       "matched and summed over channel footprints (that score's noise SDs).")
     ms_before: float = Field(0.7, gt=0.1, le=5, description="Template samples before the trough (ms).")
     ms_after: float = Field(1.3, gt=0.1, le=10, description="Template samples after the trough (ms).")
     temporal_components: int = Field(
@@ -185,13 +189,16 @@ class SortingParams(_Params):
         0.5, gt=0, lt=1, description="Two clusters stay apart when the dip between them along the line of "
                                      "their centres is deeper than this fraction of the smaller mode.")
     match_threshold: float = Field(
-        7.0, gt=1, le=100, description="A template match is a spike when its matched-filter output reaches "
+        6.0, gt=1, le=100, description="A template match is a spike when its matched-filter output reaches "
                                        "this many noise standard deviations.")
     match_passes: int = Field(
         8, ge=1, le=50, description="Match-and-subtract passes per chunk (later passes find overlapping spikes).")
     template_update_passes: int = Field(
         1, ge=0, le=5, description="Full matching passes whose spikes re-estimate the templates before the "
                                    "final pass.")
+    template_update_s: float = Field(
+        120.0, gt=0, le=86_400, description="Recording matched by each template-update pass: chunks sampled "
+                                           "uniformly up to this duration (s); the final pass matches all of it.")
     merge_similarity: float = Field(
         0.9, gt=0, le=1, description="Units whose templates correlate at least this much (best lag) are "
                                      "merged when their cross-correlogram is refractory.")

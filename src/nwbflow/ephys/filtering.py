@@ -41,8 +41,8 @@ from scipy import signal
 
 from nwbflow.errors import BadInputError
 
-__all__ = ["DEFAULT_MARGIN_TOLERANCE", "bandpass_gain", "design_bandpass", "fft_length", "filter_margin_samples",
-           "filter_padded_window", "host_tensor", "zero_phase_filter"]
+__all__ = ["DEFAULT_MARGIN_TOLERANCE", "bandpass_gain", "correlate_valid", "design_bandpass", "fft_length",
+           "filter_margin_samples", "filter_padded_window", "host_tensor", "zero_phase_filter"]
 
 DEFAULT_MARGIN_TOLERANCE = 1e-6
 
@@ -148,6 +148,19 @@ def fft_length(min_samples: int) -> int:
             power35, b = 3 * power35, b + 1
         power5, c = 5 * power5, c + 1
     return best
+
+
+def correlate_valid(traces: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """(K, C, L) cross-correlation of every channel of ``traces`` (S, C) with every row of
+    ``kernels`` (K, T): ``out[k, c, t] = sum_j traces[t + j, c] kernels[k, j]``, L = S - T + 1
+    (``conv1d``'s "valid" output), through one FFT of the traces: about twice as fast as
+    ``conv1d`` on the CPU for kernels of a spike's width."""
+    width = kernels.shape[1]
+    length = traces.shape[0] - width + 1
+    size = fft_length(traces.shape[0])
+    spectrum = torch.fft.rfft(traces.T, n=size)  # (C, size // 2 + 1)
+    kernel_spectra = torch.fft.rfft(kernels.flip(1), n=size)  # (K, size // 2 + 1)
+    return torch.fft.irfft(spectrum[None] * kernel_spectra[:, None], n=size)[:, :, width - 1: width - 1 + length]
 
 
 def bandpass_gain(sos: np.ndarray, fft_samples: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -24,16 +24,17 @@ from nwbflow.device import OomBackoff
 from nwbflow.ephys.chunks import ProgressFn, TraceSource, chunk_ranges, read_window, sample_chunk_ranges
 from nwbflow.ephys.localize import neighbour_table
 from nwbflow.ephys.peaks import DetectionTables, chunk_noise_mads, first_of_ties, neighbourhood_maxima
+from nwbflow.ephys.sorting.detection import FootprintDetector
 from nwbflow.errors import BadInputError
 from nwbflow.params import PeakParams, SortingParams
 
 log = logging.getLogger(__name__)
 
-#: Exclusion radius (µm) and sweep (ms) of the detection that feeds clustering: one spike per
-#: neighbourhood and ~0.3 ms, so a spike is sampled once, at its largest channel.
+#: Exclusion radius (µm) and sweep (ms) of the per-channel detection that samples waveforms: one
+#: spike per neighbourhood and ~0.3 ms, so a spike is sampled once, at its largest channel.
 DETECTION_EXCLUSION_UM = 50.0
 DETECTION_SWEEP_MS = 0.3
-#: Chunks of one second sampled to learn the temporal basis.
+#: Chunks sampled to learn the temporal basis and the detection prototypes.
 BASIS_SAMPLE_CHUNKS = 30
 
 
@@ -125,19 +126,22 @@ class ScaledSource:
         return traces, start - margin
 
 
-def temporal_basis(scaled: ScaledSource, tables: DetectionTables, geometry: SnippetGeometry, rank: int,
-                   chunk_samples: int, seed: int) -> torch.Tensor:
-    """(T, rank) orthonormal basis: leading right singular vectors of peak-channel waveforms of
-    spikes in sampled chunks. Raises BadInputError when too few spikes are found."""
+def sample_waveforms(scaled: ScaledSource, tables: DetectionTables, geometry: SnippetGeometry,
+                     chunk_samples: int, seed: int) -> torch.Tensor:
+    """(n, T) peak-channel waveforms of the spikes detected in :data:`BASIS_SAMPLE_CHUNKS` sampled chunks."""
     source = scaled.source
     margin = geometry.width
-    waveforms = []
+    waveforms = [torch.zeros((0, geometry.width), device=scaled.device)]
     for start, end in sample_chunk_ranges(source.num_samples, chunk_samples, BASIS_SAMPLE_CHUNKS, seed):
         traces, _ = scaled.window(int(start), int(end), margin)
         rows, channels = detect_in_window(traces, tables, geometry, (margin, margin + int(end - start)))
-        snippets = gather_snippets(traces, rows, channels[:, None], geometry)[:, :, 0]
-        waveforms.append(snippets)
-    waveforms = torch.cat(waveforms) if waveforms else torch.zeros((0, geometry.width), device=scaled.device)
+        waveforms.append(gather_snippets(traces, rows, channels[:, None], geometry)[:, :, 0])
+    return torch.cat(waveforms)
+
+
+def temporal_basis(waveforms: torch.Tensor, rank: int) -> torch.Tensor:
+    """(T, rank) orthonormal basis: leading right singular vectors of ``waveforms`` (n, T).
+    Raises NothingToSort when there are too few."""
     if len(waveforms) < max(rank, 10):
         raise NothingToSort(f"only {len(waveforms)} spikes crossed the sorting threshold in "
                             f"{BASIS_SAMPLE_CHUNKS} sampled chunks; cannot learn waveform features")
@@ -200,10 +204,11 @@ class _Reservoir:
         return SpikeSubset(samples[order], channels[order], features[order].astype(np.float32), self.seen)
 
 
-def collect_spikes(scaled: ScaledSource, tables: DetectionTables, neighbourhoods: Neighbourhoods,
+def collect_spikes(scaled: ScaledSource, detector: FootprintDetector, neighbourhoods: Neighbourhoods,
                    basis: torch.Tensor, geometry: SnippetGeometry, params: SortingParams, chunk_samples: int,
                    progress: ProgressFn | None = None) -> SpikeSubset:
-    """Detect spikes over the whole recording and keep a bounded uniform subset with features."""
+    """Detect spikes over the whole recording (``detector``: footprint detection, peaks on the centre
+    channel) and keep a bounded uniform subset with features."""
     source = scaled.source
     reservoir = _Reservoir(params.max_spikes_per_channel, source.num_channels, params.seed)
     margin = geometry.width
@@ -211,7 +216,7 @@ def collect_spikes(scaled: ScaledSource, tables: DetectionTables, neighbourhoods
 
     def step(lo: int, hi: int) -> None:
         traces, first = scaled.window(lo, hi, margin)
-        rows, channels = detect_in_window(traces, tables, geometry, (margin, margin + hi - lo))
+        rows, channels = detector.detect(traces, (margin, margin + hi - lo))
         neighbours = neighbourhoods.channels[channels]
         snippets = gather_snippets(traces, rows, neighbours, geometry)
         snippets = snippets * neighbourhoods.valid[channels][:, None, :]

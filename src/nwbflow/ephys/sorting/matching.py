@@ -2,8 +2,9 @@
 
 For each chunk (read with a margin of twice the template width, noise-scaled):
 
-1. the traces are correlated with the ``R`` temporal basis vectors on every channel
-   (``conv1d``), then with each template's spatial components (one matrix product):
+1. the traces are correlated with the ``R`` temporal basis vectors on every channel (by FFT,
+   :func:`~nwbflow.ephys.filtering.correlate_valid`), then with each template's spatial
+   components (one matrix product):
    ``score[k, t] = <traces around t, W_k>`` for every unit ``k`` and trough time ``t``;
 2. the best unit at each time is the one whose subtraction removes the most energy,
    ``score^2 / ||W_k||^2`` (amplitude ``a = score / ||W_k||^2`` within :data:`AMPLITUDE_RANGE`),
@@ -32,12 +33,15 @@ import numpy as np
 import torch
 
 from nwbflow.device import OomBackoff
+from nwbflow.ephys.filtering import correlate_valid
 from nwbflow.ephys.chunks import ProgressFn, chunk_ranges, sample_chunk_ranges
 from nwbflow.ephys.sorting.features import ScaledSource
 from nwbflow.ephys.sorting.templates import Templates
 
-#: Accepted template scalings ``a`` of a match (1: the template's own size).
-AMPLITUDE_RANGE = (0.4, 2.5)
+#: Accepted template scalings ``a`` of a match (1: the template's own size). Below 0.6, matches on
+#: a large unit's subtraction residual (its spike-to-spike variation) take over from genuine
+#: small spikes: 0.5-0.6 copies of a 23-noise-SD unit's residual, 0.27 ms after each of its spikes.
+AMPLITUDE_RANGE = (0.6, 2.5)
 #: Scores whose window comes within a template width of a sample this far from zero (noise
 #: units) on the template's channels are left out of its noise level (they hold a spike).
 NOISE_EXCLUSION_LEVEL = 4.0
@@ -68,10 +72,9 @@ class MatchTables:
 
 def template_scores(traces: torch.Tensor, templates: Templates) -> torch.Tensor:
     """(K, S - T + 1) matched-filter outputs ``<traces[t : t + T], W_k>`` of ``traces`` (S, C)."""
-    num_units, num_channels, rank = templates.spatial.shape
-    length = traces.shape[0] - templates.width + 1
-    projected = torch.nn.functional.conv1d(traces.T.unsqueeze(1), templates.basis.T.unsqueeze(1))  # (C, R, L)
-    return templates.spatial.reshape(num_units, -1) @ projected.reshape(num_channels * rank, length)
+    num_units = templates.num_units
+    projected = correlate_valid(traces, templates.basis.T)  # (R, C, L)
+    return templates.spatial.transpose(1, 2).reshape(num_units, -1) @ projected.flatten(0, 1)
 
 
 def score_noise_levels(scaled: ScaledSource, templates: Templates, chunk_samples: int, seed: int) -> torch.Tensor:
@@ -190,12 +193,13 @@ def _accumulate_snippets(traces: torch.Tensor, tables: MatchTables, starts: torc
 
 
 def match_recording(scaled: ScaledSource, templates: Templates, threshold: float, passes: int, chunk_samples: int,
-                    score_noise: torch.Tensor, *, accumulate: bool = False,
+                    score_noise: torch.Tensor, *, accumulate: bool = False, ranges: np.ndarray | None = None,
                     progress: ProgressFn | None = None) -> Matches:
-    """Template matching over the whole recording, chunk by chunk (memory: one chunk).
+    """Template matching over the recording, chunk by chunk (memory: one chunk).
 
     ``threshold`` is in units of ``score_noise`` (K,), each template's matched-filter output
-    standard deviation on noise (:func:`score_noise_levels`; ``||W_k||`` for white noise)."""
+    standard deviation on noise (:func:`score_noise_levels`; ``||W_k||`` for white noise).
+    ``ranges`` (n, 2) restricts matching to those chunks of the grid (default: all of it)."""
     source, device = scaled.source, scaled.device
     tables = MatchTables.build(templates, threshold, passes, score_noise)
     margin = 2 * templates.width
@@ -217,10 +221,11 @@ def match_recording(scaled: ScaledSource, templates: Templates, threshold: float
             sums.add_(chunk_sums)
             counts.add_(chunk_counts)
 
-    for start, end in chunk_ranges(source.num_samples, chunk_samples):
+    ranges = chunk_ranges(source.num_samples, chunk_samples) if ranges is None else ranges
+    for done, (start, end) in enumerate(ranges, start=1):
         backoff.run(step, int(start), int(end))
         if progress is not None:
-            progress(int(end), source.num_samples)
+            progress(done * source.num_samples // len(ranges), source.num_samples)
     if parts:
         samples, units, amplitudes = (np.concatenate(column) for column in zip(*parts))
     else:

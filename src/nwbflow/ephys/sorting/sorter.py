@@ -3,12 +3,18 @@
 Passes over the recording (each streamed in chunks, memory bounded by a chunk plus the
 clustering subset):
 
-1. noise levels and the temporal basis from sampled chunks;
-2. detection over the whole recording, keeping a bounded uniform subset of spikes with features;
-3. clustering per peak channel, templates from the cluster means, duplicates collapsed;
-4. ``template_update_passes`` matching passes, each re-estimating the templates from the
-   residual plus own-template snippets of the matched spikes (count-weighted means);
-5. the final matching pass, then merges of over-split units and removal of tiny units.
+1. noise levels, then peak-channel waveforms from sampled chunks: the temporal basis and the
+   prototypes of footprint detection (:mod:`~nwbflow.ephys.sorting.detection`), whose score
+   noise is measured on sampled chunks too;
+2. footprint detection over the whole recording, keeping a bounded uniform subset of spikes
+   with features;
+3. clustering per centre channel, templates from the cluster means, duplicates collapsed;
+4. ``template_update_passes`` matching passes over chunks sampled up to ``template_update_s``,
+   each re-estimating the templates from the residual plus own-template snippets of the
+   matched spikes (count-weighted means);
+5. the final matching pass, then merges of over-split units and removal of tiny, satellite and
+   misaligned units (:mod:`~nwbflow.ephys.sorting.postprocess`; their templates still take part
+   in matching).
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nwbflow.ephys.chunks import ProgressFn, TraceSource
+from nwbflow.ephys.chunks import ProgressFn, TraceSource, sample_chunk_ranges
 from nwbflow.ephys.sorting.clustering import cluster_features
+from nwbflow.ephys.sorting.detection import FootprintDetector, waveform_prototypes
 from nwbflow.ephys.sorting.features import (Neighbourhoods, ScaledSource, SnippetGeometry, SpikeSubset,
                                             NothingToSort, collect_spikes, detection_tables, robust_noise_levels,
-                                            temporal_basis)
+                                            sample_waveforms, temporal_basis)
 from nwbflow.ephys.sorting.matching import Matches, match_recording, score_noise_levels
-from nwbflow.ephys.sorting.postprocess import merge_oversplit_units
+from nwbflow.ephys.sorting.postprocess import merge_oversplit_units, misaligned_units, satellite_units
 from nwbflow.ephys.sorting.templates import Templates, merge_duplicates, restrict_to_radius, template_basis
 from nwbflow.errors import BadInputError
 from nwbflow.params import SortingParams
@@ -131,9 +138,13 @@ def _sort(source: TraceSource, positions: np.ndarray, params: SortingParams, dev
     passes = _PassProgress(progress, source.num_samples, 2 + params.template_update_passes)
 
     tables = detection_tables(positions, fs, params, device)
-    basis = temporal_basis(scaled, tables, geometry, params.temporal_components, chunk_samples, params.seed)
+    waveforms = sample_waveforms(scaled, tables, geometry, chunk_samples, params.seed)
+    basis = temporal_basis(waveforms, params.temporal_components)
     neighbourhoods = Neighbourhoods.build(positions, params.clustering_radius_um, device)
-    subset = collect_spikes(scaled, tables, neighbourhoods, basis, geometry, params, chunk_samples, passes.next())
+    detector = FootprintDetector.build(waveform_prototypes(waveforms, geometry.before, params.seed), geometry.before,
+                                       positions, fs, params.footprint_threshold)
+    detector = detector.measured(scaled, chunk_samples, params.seed)
+    subset = collect_spikes(scaled, detector, neighbourhoods, basis, geometry, params, chunk_samples, passes.next())
     templates, counts = initial_templates(subset, neighbourhoods, basis, geometry, params, device)
     max_lag = max(int(round(MERGE_MAX_LAG_MS * fs / 1000.0)), 1)
     templates = restrict_to_radius(templates.select(merge_duplicates(templates, counts, params.merge_similarity,
@@ -141,24 +152,32 @@ def _sort(source: TraceSource, positions: np.ndarray, params: SortingParams, dev
                                    positions, params.template_radius_um)
     log.info("sorting: %d clusters -> %d templates after duplicates", len(counts), templates.num_units)
 
+    update_ranges = sample_chunk_ranges(source.num_samples, chunk_samples,
+                                        max(int(round(params.template_update_s * fs / chunk_samples)), 1), params.seed)
+    update_fraction = float(np.diff(update_ranges, axis=1).sum()) / source.num_samples
     for _ in range(params.template_update_passes):
         matches = match_recording(scaled, templates, params.match_threshold, params.match_passes, chunk_samples,
                                   score_noise_levels(scaled, templates, chunk_samples, params.seed),
-                                  accumulate=True, progress=passes.next())
-        templates = updated_templates(templates, matches, params, positions, max_lag)
+                                  accumulate=True, ranges=update_ranges, progress=passes.next())
+        templates = updated_templates(templates, matches, params, positions, max_lag, update_fraction)
     matches = match_recording(scaled, templates, params.match_threshold, params.match_passes, chunk_samples,
                               score_noise_levels(scaled, templates, chunk_samples, params.seed),
                               progress=passes.next())
     spike_units, template_units = merge_oversplit_units(matches, templates, params, fs, source.num_samples, max_lag)
-    counts = np.bincount(spike_units, minlength=int(template_units.max()) + 1)
-    big = counts >= params.min_unit_spikes
+    num_units = int(template_units.max()) + 1
+    dense = templates.dense().cpu().numpy()
+    sizes = np.zeros(num_units)
+    np.maximum.at(sizes, template_units, np.abs(dense).max(axis=(1, 2)))
+    big = np.bincount(spike_units, minlength=num_units) >= params.min_unit_spikes
+    big &= ~satellite_units(matches.samples, spike_units, sizes, templates.width)
+    big &= ~misaligned_units(dense, template_units, num_units, geometry.before, fs)
     renumber = np.where(big, np.cumsum(big) - 1, -1)
     kept = renumber[spike_units] >= 0
-    dense = templates.dense() * torch.as_tensor(noise, dtype=torch.float32, device=device)  # source's units
+    dense = dense * noise.astype(np.float32)  # source's units
     log.info("sorting: %d templates -> %d units, %d spikes", templates.num_units, int(big.sum()), int(kept.sum()))
     return SortingResult(spike_samples=matches.samples[kept], spike_units=renumber[spike_units][kept],
                          spike_templates=matches.units[kept], spike_amplitudes=matches.amplitudes[kept],
-                         templates=dense.cpu().numpy(), template_units=renumber[template_units],
+                         templates=dense, template_units=renumber[template_units],
                          before=geometry.before, noise_levels=noise, detected_spikes=subset.detected)
 
 
@@ -191,11 +210,12 @@ def initial_templates(subset: SpikeSubset, neighbourhoods: Neighbourhoods, basis
 
 
 def updated_templates(templates: Templates, matches: Matches, params: SortingParams, positions: np.ndarray,
-                      max_lag: int) -> Templates:
-    """Templates re-estimated as the mean (residual + own template) snippet of their matched spikes;
-    units with fewer than ``min_unit_spikes`` matches are dropped, duplicates collapsed."""
+                      max_lag: int, fraction: float = 1.0) -> Templates:
+    """Templates re-estimated as the mean (residual + own template) snippet of their matched spikes
+    in a ``fraction`` of the recording; units with fewer than ``min_unit_spikes`` matches (scaled
+    by ``fraction``) are dropped, duplicates collapsed."""
     counts = matches.snippet_counts
-    alive = counts >= params.min_unit_spikes
+    alive = counts >= max(params.min_unit_spikes * fraction, 1.0)
     if not bool(alive.any()):
         raise NothingToSort(f"template matching found no unit with at least {params.min_unit_spikes} spikes")
     means = matches.snippet_sums[alive] / counts[alive, None, None]
