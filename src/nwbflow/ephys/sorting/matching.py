@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from nwbflow.device import OomBackoff
-from nwbflow.ephys.filtering import correlate_valid
 from nwbflow.ephys.chunks import ProgressFn, chunk_ranges, sample_chunk_ranges
+from nwbflow.ephys.filtering import correlate_valid
 from nwbflow.ephys.sorting.features import ScaledSource
 from nwbflow.ephys.sorting.templates import Templates
 

@@ -165,19 +165,19 @@ def _sort(source: TraceSource, positions: np.ndarray, params: SortingParams, dev
                               progress=passes.next())
     spike_units, template_units = merge_oversplit_units(matches, templates, params, fs, source.num_samples, max_lag)
     num_units = int(template_units.max()) + 1
-    dense = templates.dense().cpu().numpy()
+    scaled_templates = templates.dense().cpu().numpy()  # noise units, as matched
     sizes = np.zeros(num_units)
-    np.maximum.at(sizes, template_units, np.abs(dense).max(axis=(1, 2)))
+    np.maximum.at(sizes, template_units, np.abs(scaled_templates).max(axis=(1, 2)))
     big = np.bincount(spike_units, minlength=num_units) >= params.min_unit_spikes
     big &= ~satellite_units(matches.samples, spike_units, sizes, templates.width)
-    big &= ~misaligned_units(dense, template_units, num_units, geometry.before, fs)
+    big &= ~misaligned_units(scaled_templates, template_units, num_units, geometry.before, fs)
     renumber = np.where(big, np.cumsum(big) - 1, -1)
     kept = renumber[spike_units] >= 0
-    dense = dense * noise.astype(np.float32)  # source's units
     log.info("sorting: %d templates -> %d units, %d spikes", templates.num_units, int(big.sum()), int(kept.sum()))
     return SortingResult(spike_samples=matches.samples[kept], spike_units=renumber[spike_units][kept],
                          spike_templates=matches.units[kept], spike_amplitudes=matches.amplitudes[kept],
-                         templates=dense, template_units=renumber[template_units],
+                         templates=scaled_templates * noise.astype(np.float32),  # source's units
+                         template_units=renumber[template_units],
                          before=geometry.before, noise_levels=noise, detected_spikes=subset.detected)
 
 
