@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml
 demo: install
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/nwbflow demo
 
+# ruff on src/, then the tests and the docstring examples (pyproject: testpaths, --doctest-modules).
 test: install
+	$(BIN)/ruff check src
 	$(BIN)/python -m pytest -m "not slow and not gpu"
 
 test-all: install

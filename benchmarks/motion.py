@@ -224,8 +224,8 @@ def make_data(data_dir: Path, duration_s: float, num_channels: int, device: str)
     binary = stem.with_suffix(".preprocessed.bin")
     pre = preprocess_to_binary(RecordingSource(drifting), PreprocessParams(), binary, device=device)
     peak_params = PeakParams(localization="monopolar_triangulation")
-    batches = list(iter_peaks(binary, num_channels, positions, RATE_HZ, peak_params,
-                              whitening_inverse=pre.whitening_inverse, binary_dtype=pre.dtype, device=device))
+    batches = list(iter_peaks(pre.open(), positions, peak_params, whitening_inverse=pre.whitening_inverse,
+                              device=device))
     binary.unlink()
     peaks = {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
     checks["peaks"] = check_truth_against_peaks(truth, peaks, sorting, extra["unit_locations"][:, 1])
@@ -282,7 +282,7 @@ def run_none(data: dict) -> tuple:
 
 
 def run_ours(data: dict, paper: bool, device: str, tile: int, steps: int | None) -> tuple:
-    """Our fit, with the host allocator tuned as the flow's stages do (``stage_device``)."""
+    """Our fit, with the host allocator tuned as the flow's stages do (``tasks.runner.StageRun``)."""
     from nwbflow.device import tune_host_allocator
     from nwbflow.ephys.motion.medicine import estimate_motion
     from nwbflow.params import MotionParams

@@ -45,9 +45,8 @@ def run(duration_s: float, num_channels: int, workdir: Path) -> list[dict]:
         rows.append({"stage": "preprocess", "seconds": time.perf_counter() - clock})
         positions = series.channel_positions_um
         clock = time.perf_counter()
-        batches = list(iter_peaks(workdir / "pre.bin", num_channels, positions, series.sampling_rate_hz,
-                                  PeakParams(), whitening_inverse=result.whitening_inverse,
-                                  chunk_samples=int(series.sampling_rate_hz), binary_dtype=result.dtype))
+        batches = list(iter_peaks(result.open(), positions, PeakParams(), whitening_inverse=result.whitening_inverse,
+                                  chunk_samples=int(series.sampling_rate_hz)))
         count = sum(len(b["sample_index"]) for b in batches)
         pq.write_table(pa.Table.from_pydict({k: np.concatenate([b[k] for b in batches]) for k in batches[0]}),
                        workdir / "peaks.parquet")

@@ -100,8 +100,8 @@ def run_ours(source: Int16FileSource, out: Path, device: str, output_dtype: str)
     from nwbflow.ephys.preprocess import preprocess_to_binary
     from nwbflow.params import PreprocessParams
 
-    params = PreprocessParams(chunk_duration_s=CHUNK_S, output_dtype=output_dtype)
-    result = preprocess_to_binary(source, params, out, device=device)
+    params = PreprocessParams(output_dtype=output_dtype)
+    result = preprocess_to_binary(source, params, out, chunk_duration_s=CHUNK_S, device=device)
     np.save(out.with_suffix(".winv.npy"), result.whitening_inverse)
     return {"output": output_dtype}
 
@@ -128,13 +128,14 @@ def run_si_chain(source: Int16FileSource, out: Path, threads: int) -> dict:
 
 
 def run_ours_peaks(source: Int16FileSource, preprocessed: Path, device: str) -> dict:
+    from nwbflow.ephys.chunks import open_binary
     from nwbflow.ephys.peaks import iter_peaks
     from nwbflow.params import PeakParams
 
     count = 0
-    for batch in iter_peaks(preprocessed, NUM_CHANNELS, np.load(positions_path(source.path.parent)), RATE_HZ,
+    for batch in iter_peaks(open_binary(preprocessed, NUM_CHANNELS, RATE_HZ), np.load(positions_path(source.path.parent)),
                             PeakParams(), whitening_inverse=np.load(preprocessed.with_suffix(".winv.npy")),
-                            chunk_samples=int(CHUNK_S * RATE_HZ), device=device, binary_dtype="float32"):
+                            chunk_samples=int(CHUNK_S * RATE_HZ), device=device):
         count += len(batch["sample_index"])
     return {"peaks": count}
 

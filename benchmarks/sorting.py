@@ -157,10 +157,9 @@ def unit_table(sorting, extra: dict, noise_levels_uv: np.ndarray, duration_s: fl
 def run_ours(recording, workdir: Path, motion: bool, until: str, device: str) -> tuple:
     """Our chain on the raw recording; returns (sorting or None, seconds, extra).
 
-    The host allocator is tuned first, as the flow's stages do (``stage_device``).
+    The host allocator is tuned first, as the flow's stages do (``tasks.runner.StageRun``).
     """
     from nwbflow.device import tune_host_allocator
-    from nwbflow.ephys.chunks import open_binary
     from nwbflow.ephys.preprocess import preprocess_to_binary
     from nwbflow.evaluation import RecordingSource
     from nwbflow.params import PreprocessParams
@@ -175,19 +174,18 @@ def run_ours(recording, workdir: Path, motion: bool, until: str, device: str) ->
     pre = preprocess_to_binary(RecordingSource(recording), pre_params, workdir / "preprocessed.bin", device=device)
     phases["preprocess"] = _lap(clock, phases, device)
     extra["params"] = {"preprocess": pre_params.model_dump(mode="json")}
-    sort_input = pre.out_path
+    sort_input = pre
     if motion and until != "preprocess":
         sort_input = _ours_motion(pre, positions, workdir, until, device, clock, phases, extra)
     if until != "sorting" or sort_input is None:
         return None, time.perf_counter() - clock, extra
     import torch
 
-    from nwbflow.ephys.sorting import sort_traces
+    from nwbflow.ephys.sorting.sorter import sort_traces
     from nwbflow.params import SortingParams
 
     params = SortingParams()
-    source = open_binary(sort_input, num_channels, fs, dtype=pre.dtype)
-    result = sort_traces(source, positions, params, device=torch.device(device), progress=None)
+    result = sort_traces(sort_input.open(), positions, params, device=torch.device(device), progress=None)
     phases["sorting"] = _lap(clock, phases, device)
     extra["params"]["sorting"] = params.model_dump(mode="json")
     extra["detected_spikes"] = getattr(result, "detected_spikes", None)
@@ -201,17 +199,16 @@ def run_ours(recording, workdir: Path, motion: bool, until: str, device: str) ->
 
 
 def _ours_motion(pre, positions: np.ndarray, workdir: Path, until: str, device: str, clock: float,
-                 phases: dict, extra: dict) -> Path | None:
-    """Peaks -> MEDiCINe -> corrected binary (None when ``until`` stops earlier)."""
-    from nwbflow.ephys.chunks import open_binary
+                 phases: dict, extra: dict):
+    """Peaks -> MEDiCINe -> the corrected recording (None when ``until`` stops earlier)."""
     from nwbflow.ephys.motion import estimate_motion
     from nwbflow.ephys.motion.correction import correct_motion_to_binary
     from nwbflow.ephys.peaks import iter_peaks
     from nwbflow.params import MotionParams, PeakParams
 
     peak_params = PeakParams(localization="monopolar_triangulation")
-    batches = list(iter_peaks(pre.out_path, pre.num_channels, positions, pre.sampling_rate_hz, peak_params,
-                              whitening_inverse=pre.whitening_inverse, binary_dtype=pre.dtype, device=device))
+    batches = list(iter_peaks(pre.open(), positions, peak_params, whitening_inverse=pre.whitening_inverse,
+                              device=device))
     peaks = {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
     phases["peaks"] = _lap(clock, phases, device)
     extra["num_peaks"] = int(len(peaks["sample_index"]))
@@ -229,13 +226,12 @@ def _ours_motion(pre, positions: np.ndarray, workdir: Path, until: str, device: 
              displacement_um=fit.motion.displacement_um)
     if until == "motion":
         return None
-    source = open_binary(pre.out_path, pre.num_channels, pre.sampling_rate_hz, dtype=pre.dtype)
-    corrected = correct_motion_to_binary(source, positions, fit.motion, params, workdir / "corrected.bin",
+    corrected = correct_motion_to_binary(pre.open(), positions, fit.motion, params, workdir / "corrected.bin",
                                          sample_times_s=0.0, device=device, dtype=pre.dtype,
-                                         whitening=pre.whitening)
+                                         whitening=pre.whitening, whitening_inverse=pre.whitening_inverse)
     phases["correction"] = _lap(clock, phases, device)
     extra["motion"]["outside_fraction"] = corrected.outside_fraction
-    return None if until == "correction" else corrected.out_path
+    return None if until == "correction" else pre.with_binary(corrected.out_path)
 
 
 def _lap(clock: float, phases: dict, device: str) -> float:

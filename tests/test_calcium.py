@@ -236,7 +236,7 @@ def test_calcium_stage_writes_spike_rates_to_nwb(prefect_server, ophys_session, 
 
     before = sha256_of(ophys_session)
     out = tmp_path / "ophys_processed.nwb"
-    summary = process_session(str(ophys_session), str(out), SessionParams(device="cpu", stages=("calcium",)))
+    summary = process_session(str(ophys_session), str(out), SessionParams(execution={"device": "cpu"}, stages=("calcium",)))
     assert sha256_of(ophys_session) == before
     stage = next(s for s in summary["stages"] if s["stage"] == "calcium")
     saved = np.load(stage["artifacts"]["spike_rate"])

@@ -201,7 +201,7 @@ def test_deployments_are_registered_as_prefect_yaml_says(service):
         assert threshold["description"] and threshold["exclusiveMinimum"] == 0
     assert (cpu["work_pool_name"], gpu["work_pool_name"]) == ("nwbflow-cpu", "nwbflow-gpu")
     assert cpu["parameters"] == {}
-    assert gpu["parameters"] == {"params": {"device": "cuda"}}
+    assert gpu["parameters"] == {"params": {"execution": {"device": "cuda"}}}
 
 
 def test_nightly_is_scheduled_with_parameters_from_the_environment(service):
@@ -231,7 +231,7 @@ def test_dandi_prep_is_registered_and_refuses_an_unknown_files_mode(service):
     assert _count_runs(service, dandi["id"]) == 0
 
 
-@pytest.mark.parametrize("params", [{"peaks": {"threshold_mad": -1}}, {"bogus": 1}, {"device": "tpu"}],
+@pytest.mark.parametrize("params", [{"peaks": {"threshold_mad": -1}}, {"bogus": 1}, {"execution": {"device": "tpu"}}],
                          ids=["out-of-bounds", "unknown-key", "bad-enum"])
 def test_api_refuses_invalid_parameters_without_creating_a_run(service, params):
     deployment = _deployment(service, "process-session")
@@ -253,7 +253,7 @@ def test_run_created_like_the_ui_run_button_completes_with_provenance(service, s
     response = service.client.post(
         f"/deployments/{deployment['id']}/create_flow_run",
         json={"parameters": {"nwb_path": str(session_file), "out_path": str(out),
-                             "params": {"device": "cpu", "motion": FAST_MOTION}}})
+                             "params": {"execution": {"device": "cpu"}, "motion": FAST_MOTION}}})
     assert response.status_code == 201, response.text
     flow_run_id = response.json()["id"]
 

@@ -28,7 +28,7 @@ from nwbflow.flows.session import process_session
 from nwbflow.nwb_io import layout
 from nwbflow.params import PeakParams, SessionParams
 
-PARAMS = SessionParams(device="cpu", motion=FAST_MOTION, peaks=PeakParams(write_to_nwb=True))
+PARAMS = SessionParams(execution={"device": "cpu"}, motion=FAST_MOTION, peaks=PeakParams(write_to_nwb=True))
 STAGES = ("preprocess", "peaks", "motion", "sorting", "calcium")
 
 #: Runs the flow in a child that SIGKILLs itself inside one stage: at the stage's first progress report

@@ -24,12 +24,44 @@ from nwbflow.synth import load_ground_truth
 
 @pytest.fixture(scope="module")
 def processed(prefect_server, small_session, tmp_path_factory):
-    """Run the flow once; keep the state, output path and the input's hash from before the run."""
+    """Run the flow once; keep the state, output path and the input's hash from before the run, and who
+    opened the input (the stage tasks' names) and each stage's cache-key computations during the run."""
+    import traceback
+
+    import nwbflow.tasks.runner as runner
+    from nwbflow.nwb_io.read import NwbSession
+
     before = sha256_of(small_session)
     out = tmp_path_factory.mktemp("processed") / "small_processed.nwb"
-    params = SessionParams(device="cpu", motion=FAST_MOTION, peaks=PeakParams(write_to_nwb=True))
-    state = process_session(str(small_session), str(out), params, return_state=True)
-    return {"state": state, "out": out, "input_sha": before, "summary": state.result()}
+    params = SessionParams(execution={"device": "cpu"}, motion=FAST_MOTION, peaks=PeakParams(write_to_nwb=True))
+    opened_by, keys = [], []
+    real_init, real_key = NwbSession.__init__, runner.stage_key
+
+    def counting_init(self, path):
+        callers = [frame.name for frame in traceback.extract_stack()]
+        opened_by.append(next(name for name in reversed(callers) if name.endswith("_task") or name == "plan_session"))
+        real_init(self, path)
+
+    def counting_key(stage, *args, **kwargs):
+        keys.append(stage)
+        return real_key(stage, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(NwbSession, "__init__", counting_init)
+        patch.setattr(runner, "stage_key", counting_key)
+        state = process_session(str(small_session), str(out), params, return_state=True)
+    return {"state": state, "out": out, "input_sha": before, "summary": state.result(), "opened_by": opened_by,
+            "keys": keys}
+
+
+def test_the_input_is_opened_by_plan_preprocess_and_calcium_only(processed):
+    """No ephys stage after preprocess opens the NWB file: they read the preprocessed recording's record.
+    (Write-back opens it once more, in its export process.)"""
+    assert sorted(processed["opened_by"]) == ["calcium_task", "plan_session", "preprocess_task"]
+
+
+def test_each_stage_computes_its_cache_key_once(processed):
+    assert sorted(processed["keys"]) == sorted(["preprocess", "peaks", "motion", "sorting", "calcium"])
 
 
 def test_flow_completes_on_the_server_and_leaves_input_unchanged(processed, small_session):
@@ -60,10 +92,14 @@ def test_provenance_rows_name_the_flow_run_inputs_and_outputs(processed, small_s
             assert row["inputs"] == [expected_input]
         assert row["start_time_utc"] <= row["end_time_utc"]
         assert row["device"] == "cpu" and row["software"] == "nwbflow"
-    assert rows[0]["parameters"] == PreprocessParams().model_dump(mode="json")
+    execution = {"device": "cpu", "threads": None, "seed": 0, "stage_timeout_s": None}  # the policy, in every row
+    assert rows[0]["parameters"] == {**PreprocessParams().model_dump(mode="json"),
+                                     "execution": {**execution, "chunk": 1.0}}
     assert rows[1]["parameters"]["threshold_mad"] == PeakParams().threshold_mad
     assert layout.PEAKS_PATH in rows[1]["outputs"]
-    assert rows[2]["parameters"] == {**MotionParams(**FAST_MOTION).model_dump(mode="json"), "seed": 0}
+    assert rows[2]["parameters"] == {**MotionParams(**FAST_MOTION).model_dump(mode="json"),
+                                     "execution": {**execution, "chunk": 1.0}}
+    assert rows[3]["parameters"]["execution"] == {**execution, "chunk": 2.0}
     assert layout.MOTION_PATH in rows[2]["outputs"]
 
 
@@ -108,11 +144,32 @@ def test_processed_file_passes_the_three_validators(processed, small_session):
     assert not [f for f in report.findings if f.validator == "pynwb"]
 
 
+def test_a_spikeinterface_sorter_runs_alone_on_the_raw_series(prefect_server, small_session, tmp_path):
+    """The registry's SpikeInterface path: with only the sorting stage asked for, none of our ephys stages
+    runs; the units' µV waveforms and metrics are read from the raw series through our preprocessing."""
+    out = tmp_path / "si.nwb"
+    params = SessionParams(stages=("sorting",), execution={"device": "cpu"}, sorting={"sorter": "simple"})
+    summary = process_session(str(small_session), str(out), params, str(tmp_path / "work"))
+    assert [s["stage"] for s in summary["stages"]] == ["sorting"]
+    assert not list((tmp_path / "work").glob("*/preprocess-*"))
+    counts = summary["stages"][0]["summary"]
+    assert counts["sorter"] == "simple" and counts["units"] >= 3 and counts["spikes"] > 100
+    with NWBHDF5IO(str(out), "r") as io:
+        units = io.read().units
+        troughs = np.array([w[:, 0].min() for w in units["waveform_mean"][:]])  # peak channel first
+        assert len(units) == counts["units"] and np.all(np.isfinite(units["snr"][:]))
+        assert np.all(troughs < 0) and np.median(units["amplitude_median"][:]) < 0
+        spike_times = np.concatenate(list(units["spike_times"][:]))
+    truth = load_ground_truth(small_session)
+    score = score_detection(np.round(spike_times * 30_000.0).astype(np.int64), truth.ephys_sample_index, 12)
+    assert score.precision > 0.8, score
+
+
 def test_bad_input_fails_the_flow_with_a_clear_error(prefect_server, tmp_path):
     not_nwb = tmp_path / "notes.nwb"
     not_nwb.write_text("this is not HDF5")
     with pytest.raises(BadInputError, match="notes.nwb"):
-        process_session(str(not_nwb), str(tmp_path / "out.nwb"), SessionParams(device="cpu", motion=FAST_MOTION))
+        process_session(str(not_nwb), str(tmp_path / "out.nwb"), SessionParams(execution={"device": "cpu"}, motion=FAST_MOTION))
     assert not (tmp_path / "out.nwb").exists()
 
 
@@ -138,7 +195,7 @@ def test_sorted_units_are_a_units_table_with_waveforms_and_quality_metrics(proce
     from spikeinterface.comparison import compare_sorter_to_ground_truth
     from spikeinterface.core import NumpySorting
 
-    from nwbflow.ephys.sorting.metrics import METRIC_NAMES
+    from nwbflow.ephys.sorting.units import METRIC_NAMES
 
     with open_session(small_session) as session:
         series = session.select_ephys(None)

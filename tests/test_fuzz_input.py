@@ -65,7 +65,7 @@ def run_pipeline_part(nwb_path: str, workdir: str) -> tuple[str, str, str]:
     from nwbflow.params import SessionParams
     from nwbflow.tasks.plan import check_input, plan_session
 
-    params = SessionParams(device="cpu")
+    params = SessionParams(execution={"device": "cpu"})
     try:
         check_input(nwb_path, params)
         plan = plan_session(nwb_path, params, workdir)
@@ -73,9 +73,8 @@ def run_pipeline_part(nwb_path: str, workdir: str) -> tuple[str, str, str]:
             if plan.ephys is not None:
                 series = session.select_ephys(plan.ephys.object)
                 result = preprocess_to_binary(series, params.preprocess, Path(workdir) / "pre.bin")
-                for batch in iter_peaks(result.out_path, result.num_channels, series.channel_positions_um,
-                                        series.sampling_rate_hz, params.peaks,
-                                        whitening_inverse=result.whitening_inverse, binary_dtype=result.dtype):
+                for batch in iter_peaks(result.open(), series.channel_positions_um, params.peaks,
+                                        whitening_inverse=result.whitening_inverse):
                     series.sample_times_s(batch["sample_index"])
             if plan.ophys is not None:
                 session.read_roi_traces(session.roi_info(plan.ophys.object).object_path)

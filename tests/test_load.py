@@ -34,7 +34,7 @@ from nwbflow.params import SessionParams
 from nwbflow.synth import SynthConfig, write_synthetic_session
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
-PARAMS = SessionParams(device="cpu", stages=("preprocess", "peaks"))
+PARAMS = SessionParams(execution={"device": "cpu"}, stages=("preprocess", "peaks"))
 LOCKED = "database is locked"
 START_TIMEOUT_S = 180
 RUN_TIMEOUT_S = 600

@@ -44,8 +44,8 @@ def drifting(tmp_path_factory):
     positions = recording.get_channel_locations()
     binary = tmp_path_factory.mktemp("motion") / "pre.bin"
     pre = preprocess_to_binary(ArraySource(traces, FS_HZ), PreprocessParams(), binary)
-    batches = list(iter_peaks(binary, 32, positions, FS_HZ, PeakParams(localization="monopolar_triangulation"),
-                              whitening_inverse=pre.whitening_inverse, binary_dtype=pre.dtype))
+    batches = list(iter_peaks(pre.open(), positions, PeakParams(localization="monopolar_triangulation"),
+                              whitening_inverse=pre.whitening_inverse))
     peaks = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
     truth = extra["displacement_vectors"][:, 1, 0] * float(np.mean(extra["displacement_unit_factor"][:, 0]))
     assert np.allclose(extra["displacement_unit_factor"][:, 0], 1.0)  # rigid

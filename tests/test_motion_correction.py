@@ -13,7 +13,8 @@ from nwbflow.ephys.motion.correction import (MotionCorrectedSource, MotionInterp
                                              correct_motion_to_binary)
 from nwbflow.ephys.motion.displacement import Motion
 from nwbflow.ephys.motion.interpolation import INTERPOLATION_METHODS, SpatialInterpolator
-from nwbflow.ephys.peaks import iter_peaks, noise_mad
+from nwbflow.ephys.noise import noise_levels
+from nwbflow.ephys.peaks import iter_peaks
 from nwbflow.ephys.preprocess import preprocess_to_binary
 from nwbflow.errors import BadInputError
 from nwbflow.params import MotionParams, PeakParams, PreprocessParams
@@ -199,10 +200,10 @@ def drifting():
                 displacement_um=displacement_um, displacement_rate_hz=rate_hz)
 
 
-def _depth_vs_drift(gt, binary, pre, noise, device) -> list[tuple[float, float]]:
+def _depth_vs_drift(gt, recording, noise, device) -> list[tuple[float, float]]:
     """Per unit: (correlation, slope) of its peaks' depth (µm) against its true displacement (µm)."""
-    batches = list(iter_peaks(binary, 32, gt["positions"], FS_HZ, PeakParams(), noise_levels=noise,
-                              whitening_inverse=pre.whitening_inverse, device=device, binary_dtype=pre.dtype))
+    batches = list(iter_peaks(recording.open(), gt["positions"], PeakParams(), noise_levels=noise,
+                              whitening_inverse=recording.whitening_inverse, device=device))
     samples = np.concatenate([b["sample_index"] for b in batches])
     depth_um = np.concatenate([b["y_um"] for b in batches])
     result = []
@@ -221,14 +222,14 @@ def _depth_vs_drift(gt, binary, pre, noise, device) -> list[tuple[float, float]]
 def _drift_before_and_after(gt, tmp_path, device, whiten: bool) -> tuple[list, list]:
     pre = preprocess_to_binary(ArraySource(gt["traces"], FS_HZ), PreprocessParams(whiten=whiten),
                                tmp_path / "preprocessed.bin", device=device)
-    corrected = correct_motion_to_binary(open_binary(pre.out_path, 32, FS_HZ, pre.dtype), gt["positions"],
-                                         gt["motion"], MotionParams(), tmp_path / "corrected.bin", device=device,
-                                         dtype=pre.dtype, whitening=pre.whitening)
+    corrected = correct_motion_to_binary(pre.open(), gt["positions"], gt["motion"], MotionParams(),
+                                         tmp_path / "corrected.bin", device=device, dtype=pre.dtype,
+                                         whitening=pre.whitening, whitening_inverse=pre.whitening_inverse)
     assert 0 < corrected.outside_fraction < 0.15 and corrected.time_bins_used == 100
     # Noise levels of the uncorrected traces for both: a border channel is 0 while its target is off the probe.
-    noise = noise_mad(pre.out_path, 32, chunk_samples=30_001, device=device, binary_dtype=pre.dtype)
-    before = _depth_vs_drift(gt, pre.out_path, pre, noise, device)
-    after = _depth_vs_drift(gt, corrected.out_path, pre, noise, device)
+    noise = noise_levels(pre.open(), chunk_samples=30_001, device=device)
+    before = _depth_vs_drift(gt, pre, noise, device)
+    after = _depth_vs_drift(gt, pre.with_binary(corrected.out_path), noise, device)
     print(f"whiten={whiten}: (correlation, slope) per unit before {np.round(before, 2).tolist()}, "
           f"after {np.round(after, 2).tolist()}")
     return before, after

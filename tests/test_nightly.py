@@ -15,8 +15,8 @@ from nwbflow.flows.nightly import LEDGER, nightly, read_ledger, record_in_ledger
 from nwbflow.params import SessionParams
 from nwbflow.synth import SynthConfig, write_synthetic_session
 
-PARAMS = SessionParams(device="cpu", motion=FAST_MOTION)
-CHEAP = SessionParams(device="cpu", stages=("preprocess", "peaks"))
+PARAMS = SessionParams(execution={"device": "cpu"}, motion=FAST_MOTION)
+CHEAP = SessionParams(execution={"device": "cpu"}, stages=("preprocess", "peaks"))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_deleted_output_is_redone_and_code_params_change_redoes_all(prefect_serv
     nightly(str(data_root), params=PARAMS)
     (data_root / "processed" / "m1" / "session_processed.nwb").unlink()
     assert nightly(str(data_root), params=PARAMS)["processed"] == ["m1/session.nwb"]
-    changed = SessionParams(device="cpu", motion=FAST_MOTION, peaks={"exclusion_radius_um": 40.0})  # m3 overrides only the threshold
+    changed = SessionParams(execution={"device": "cpu"}, motion=FAST_MOTION, peaks={"exclusion_radius_um": 40.0})  # m3 overrides only the threshold
     assert len(nightly(str(data_root), params=changed)["processed"]) == 3
 
 
@@ -86,8 +86,8 @@ def test_session_override_does_not_mask_a_global_change_of_another_parameter(pre
     nwb = tmp_path / "s.nwb"
     nwb.write_bytes(b"")
     (tmp_path / "s.nwbflow.yaml").write_text("peaks:\n  threshold_mad: 6.0\n")
-    merged = session_params(nwb, SessionParams(device="cpu", motion=FAST_MOTION, peaks={"threshold_mad": 5.5, "sweep_ms": 0.2}))
-    assert (merged.peaks.threshold_mad, merged.peaks.sweep_ms, merged.device) == (6.0, 0.2, "cpu")
+    merged = session_params(nwb, SessionParams(execution={"device": "cpu"}, motion=FAST_MOTION, peaks={"threshold_mad": 5.5, "sweep_ms": 0.2}))
+    assert (merged.peaks.threshold_mad, merged.peaks.sweep_ms, merged.execution.device) == (6.0, 0.2, "cpu")
 
 
 def test_invalid_session_override_names_the_file(tmp_path):

@@ -29,7 +29,7 @@ from nwbflow.nwb_io.provenance import read_provenance
 from nwbflow.params import SessionParams
 from nwbflow.synth import SynthConfig, write_synthetic_session
 
-PARAMS = SessionParams(device="cpu", stages=("preprocess", "peaks"))
+PARAMS = SessionParams(execution={"device": "cpu"}, stages=("preprocess", "peaks"))
 WAIT_S = 300
 
 #: ``nwbflow`` CLI in a child, with one step made to wait: "plan" (the output's lock is held by then) or
@@ -39,7 +39,7 @@ RUNNER = """
 import logging, os, sys, time
 from pathlib import Path
 import nwbflow.flows.session as session
-import nwbflow.tasks.ephys as ephys
+import nwbflow.tasks.preprocess as preprocess
 from nwbflow import cli
 
 step, holding, release = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
@@ -59,7 +59,7 @@ def held(real):
 if step == "plan":
     session.plan_session = held(session.plan_session)
 else:
-    ephys.preprocess_to_binary = held(ephys.preprocess_to_binary)
+    preprocess.preprocess_to_binary = held(preprocess.preprocess_to_binary)
 logging.getLogger("nwbflow.locks").setLevel(logging.INFO)
 logging.getLogger("nwbflow.locks").addHandler(logging.StreamHandler())
 sys.exit(cli.main(sys.argv[4:]))

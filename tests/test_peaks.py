@@ -13,8 +13,10 @@ import torch
 from nwbflow.ephys import peaks as peaks_module
 from nwbflow.ephys.localize import LOCALIZATION_METHODS, monopolar_triangulation
 from nwbflow.evaluation import RecordingSource
+from nwbflow.ephys.chunks import ArraySource
+from nwbflow.ephys.noise import noise_levels
 from nwbflow.ephys.peaks import (DetectionTables, detect_peaks, iter_peaks, localize_center_of_mass,
-                                 localize_monopolar_triangulation, noise_mad)
+                                 localize_monopolar_triangulation)
 from nwbflow.ephys.preprocess import design_bandpass, preprocess_to_binary
 from nwbflow.params import PeakParams, PreprocessParams
 
@@ -80,17 +82,16 @@ def test_crossings_are_found_exactly_at_z_equal_one(device):
     # onset must be the exact float32 boundary of z >= 1 as the device rounds it.
     rng = np.random.default_rng(3)
     noise = rng.uniform(0.1, 50.0, 2_000)
-    tables = DetectionTables.build(np.zeros((2_000, 2)), FS_HZ, PeakParams(threshold_mad=4.3), noise, device)
+    tables = DetectionTables.for_peaks(np.zeros((2_000, 2)), FS_HZ, PeakParams(threshold_mad=4.3), noise, device)
     onset, scale = tables.onset, tables.scale
     below = torch.nextafter(onset, torch.full_like(onset, -np.inf))
     assert bool(torch.all(onset * scale >= 1)) and bool(torch.all(below * scale < 1))
 
 
-def test_noise_mad_is_the_median_absolute_deviation(tmp_path, device):
+def test_noise_level_is_the_median_absolute_deviation(device):
     rng = np.random.default_rng(4)
     traces = (rng.normal(size=(4_000, 3)) * [1.0, 2.0, 5.0] + 3.0).astype(np.float32)
-    traces.tofile(tmp_path / "noise.bin")
-    got = noise_mad(tmp_path / "noise.bin", 3, chunk_samples=1_000, num_chunks=4, device=device)
+    got = noise_levels(ArraySource(traces, FS_HZ), chunk_samples=1_000, num_chunks=4, device=device)
     chunks = traces.reshape(4, 1_000, 3)
     expected = np.median(np.median(np.abs(chunks - np.median(chunks, axis=1, keepdims=True)), axis=1), axis=0)
     np.testing.assert_allclose(got, expected / 0.6744897501960817, rtol=1e-6)
@@ -144,30 +145,28 @@ def test_triangulation_respects_its_bounds_and_survives_empty_footprints(device)
     assert bool((source[:, 1] >= -30.0).all() & (source[:, 1] <= 70.0).all())
 
 
-def test_iter_peaks_no_duplicates_or_misses_at_any_chunk_size(tmp_path, device):
+def test_iter_peaks_no_duplicates_or_misses_at_any_chunk_size(device):
     rng = np.random.default_rng(1)
     traces = rng.normal(size=(3_000, 4)).astype(np.float32)
     traces[rng.integers(0, 3_000, 150), rng.integers(0, 4, 150)] -= 12.0  # events everywhere
     traces[[99, 100, 101, 199, 200], 2] = -20.0  # plateaus straddling boundaries of 100-sample chunks
-    path = tmp_path / "traces.bin"
-    traces.tofile(path)
     params = PeakParams(sweep_ms=0.2)
     whole = detect_peaks(traces, TWO_ROWS_UM, FS_HZ, params, noise_levels=np.ones(4), device=device)
     for chunk_samples in (7, 100, 333, 3_000):
-        streamed = _concat(list(iter_peaks(path, 4, TWO_ROWS_UM, FS_HZ, params, noise_levels=np.ones(4),
+        streamed = _concat(list(iter_peaks(ArraySource(traces, FS_HZ), TWO_ROWS_UM, params, noise_levels=np.ones(4),
                                            chunk_samples=chunk_samples, device=device)))
         for key in ("sample_index", "channel_index", "amplitude"):
             np.testing.assert_array_equal(streamed[key], whole[key], err_msg=f"{key} @ {chunk_samples}")
 
 
-def test_out_of_memory_halves_the_chunk_and_loses_nothing(tmp_path, device, monkeypatch, caplog):
+def test_out_of_memory_halves_the_chunk_and_loses_nothing(device, monkeypatch, caplog):
     rng = np.random.default_rng(2)
     traces = rng.normal(size=(4_000, 4)).astype(np.float32)
     traces[rng.integers(0, 4_000, 200), rng.integers(0, 4, 200)] -= 12.0
-    traces.tofile(tmp_path / "traces.bin")
+    source = ArraySource(traces, FS_HZ)
     params = PeakParams(localization="monopolar_triangulation")
     run = dict(noise_levels=np.ones(4), chunk_samples=1_000, device=device)
-    expected = list(iter_peaks(tmp_path / "traces.bin", 4, TWO_ROWS_UM, FS_HZ, params, **run))
+    expected = list(iter_peaks(source, TWO_ROWS_UM, params, **run))
     window_peaks, sizes = peaks_module._window_peaks, []
 
     def small_memory(source, start, end, *args):
@@ -178,7 +177,7 @@ def test_out_of_memory_halves_the_chunk_and_loses_nothing(tmp_path, device, monk
 
     monkeypatch.setattr(peaks_module, "_window_peaks", small_memory)
     with caplog.at_level(logging.WARNING, logger="nwbflow.device"):
-        got = list(iter_peaks(tmp_path / "traces.bin", 4, TWO_ROWS_UM, FS_HZ, params, **run))
+        got = list(iter_peaks(source, TWO_ROWS_UM, params, **run))
     assert sizes[:3] == [1_000, 500, 250] and max(sizes[3:]) == 250 and "out of memory" in caplog.text
     assert len(got) == len(expected) == 4  # still one batch per chunk, in order
     for key in expected[0]:
@@ -205,16 +204,16 @@ def recording_data(tmp_path_factory):
 
 def _run(gt, localization: str, chunk_samples: int) -> dict[str, np.ndarray]:
     params = gt["params"].model_copy(update={"localization": localization})
-    return _concat(list(iter_peaks(gt["binary"], 32, gt["positions"], FS_HZ, params,
+    return _concat(list(iter_peaks(gt["pre"].open(), gt["positions"], params,
                                    whitening_inverse=gt["pre"].whitening_inverse, noise_levels=gt["noise"],
-                                   chunk_samples=chunk_samples, device=gt["device"], binary_dtype=gt["pre"].dtype)))
+                                   chunk_samples=chunk_samples, device=gt["device"])))
 
 
 @pytest.fixture(scope="module")
 def ground_truth(recording_data, device):
     """Our peaks on the ground-truth recording, located by center of mass and by triangulation."""
     gt = dict(recording_data, params=PeakParams(), device=device)
-    gt["noise"] = noise_mad(gt["binary"], 32, chunk_samples=30_000, device=device, binary_dtype=gt["pre"].dtype)
+    gt["noise"] = noise_levels(gt["pre"].open(), chunk_samples=30_000, device=device)
     gt["ours"] = _run(gt, "center_of_mass", 30_000)
     gt["triangulated"] = _run(gt, "monopolar_triangulation", 30_000)
     return gt

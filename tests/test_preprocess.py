@@ -16,7 +16,6 @@ from nwbflow.device import OomBackoff
 from nwbflow.ephys.chunks import (ArraySource, BackgroundWriter, TraceSource, WindowPrefetcher, open_binary,
                                   read_window)
 from nwbflow.ephys.preprocess import (
-    PreprocessResult,
     design_bandpass,
     fft_length,
     filter_margin_samples,
@@ -27,6 +26,7 @@ from nwbflow.ephys.preprocess import (
     whitening_matrix,
     zero_phase_filter,
 )
+from nwbflow.ephys.recording import PreprocessedRecording
 from nwbflow.errors import BadInputError
 from nwbflow.params import PreprocessParams
 
@@ -60,12 +60,12 @@ class BlockNoiseSource:
         return (noise @ self._mixing.T + lfp + self._offsets).astype(np.float32)
 
 
-def _read(result: PreprocessResult) -> np.ndarray:
-    stored = np.fromfile(result.out_path, dtype=np.dtype(result.dtype).newbyteorder("<"))
+def _read(result: PreprocessedRecording) -> np.ndarray:
+    stored = np.fromfile(result.binary_path, dtype=np.dtype(result.dtype).newbyteorder("<"))
     return stored.astype(np.float32).reshape(result.num_samples, result.num_channels)
 
 
-def _whole_array(source: TraceSource, params: PreprocessParams, result: PreprocessResult,
+def _whole_array(source: TraceSource, params: PreprocessParams, result: PreprocessedRecording,
                  device: str = "cpu") -> np.ndarray:
     """The whole recording as one chunk (no chunk boundaries), same offsets and whitening."""
     sos = design_bandpass(params.freq_min_hz, params.freq_max_hz, source.sampling_rate_hz, params.filter_order)
@@ -91,8 +91,8 @@ def test_source_protocol_is_satisfied():
 
 def test_bandpass_equals_sosfiltfilt_away_from_the_ends(tmp_path, device):
     source = BlockNoiseSource(90_000, 10.0 * np.eye(8), seed=1, lfp_uv=200.0)
-    params = PreprocessParams(output_dtype="float32", common_reference=False, whiten=False, chunk_duration_s=0.25)
-    result = preprocess_to_binary(source, params, tmp_path / "filtered.bin", device=device)
+    params = PreprocessParams(output_dtype="float32", common_reference=False, whiten=False)
+    result = preprocess_to_binary(source, params, tmp_path / "filtered.bin", device=device, chunk_duration_s=0.25)
     assert result.device == str(torch.device(device))
     sos = design_bandpass(300.0, 6000.0, FS_HZ, order=3)
     expected = signal.sosfiltfilt(sos, source.get_traces(0, source.num_samples).astype(np.float64), axis=0)
@@ -161,9 +161,9 @@ def test_fft_correlation_equals_numpy_valid_correlation(device, num_samples, wid
 def test_chunk_boundaries_are_invisible(tmp_path, device, common_reference, whiten):
     mixing = 10.0 * np.eye(6) + 4.0
     source = BlockNoiseSource(45_000, mixing, seed=3, lfp_uv=300.0)
-    params = PreprocessParams(output_dtype="float32", common_reference=common_reference, whiten=whiten, chunk_duration_s=0.1,
+    params = PreprocessParams(output_dtype="float32", common_reference=common_reference, whiten=whiten,
                               noise_sample_chunks=5)
-    result = preprocess_to_binary(source, params, tmp_path / "chunked.bin", device=device)
+    result = preprocess_to_binary(source, params, tmp_path / "chunked.bin", device=device, chunk_duration_s=0.1)
     whole = _whole_array(source, params, result, device)
     error = np.max(np.abs(_read(result) - whole))
     assert error <= 1e-3 * whole.std(), error / whole.std()
@@ -172,13 +172,13 @@ def test_chunk_boundaries_are_invisible(tmp_path, device, common_reference, whit
 def test_concurrent_cpu_streams_equal_one_stream(tmp_path):
     """On the CPU, chunks computed on several threads are written in order: same file as one stream."""
     source = BlockNoiseSource(90_000, 10.0 * np.eye(8) + 3.0, seed=4)
-    params = PreprocessParams(output_dtype="float32", chunk_duration_s=0.1, noise_sample_chunks=5)
+    params = PreprocessParams(output_dtype="float32", noise_sample_chunks=5)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _read(preprocess_to_binary(source, params, tmp_path / "one.bin"))
+        one = _read(preprocess_to_binary(source, params, tmp_path / "one.bin", chunk_duration_s=0.1))
         torch.set_num_threads(3)
-        three = _read(preprocess_to_binary(source, params, tmp_path / "three.bin"))
+        three = _read(preprocess_to_binary(source, params, tmp_path / "three.bin", chunk_duration_s=0.1))
         assert torch.get_num_threads() == 3  # restored after the concurrent streams
     finally:
         torch.set_num_threads(threads)
@@ -205,8 +205,8 @@ def test_median_across_channels_equals_numpy(device, num_channels):
 def test_whitening_gives_identity_covariance(tmp_path, device):
     mixing = _spatially_correlated_mixing(16, pitch_um=20.0, length_um=40.0)
     source = BlockNoiseSource(300_000, mixing, seed=4, lfp_uv=100.0)
-    params = PreprocessParams(common_reference=False, whiten=True, chunk_duration_s=0.5)
-    result = preprocess_to_binary(source, params, tmp_path / "white.bin", device=device)
+    params = PreprocessParams(common_reference=False, whiten=True)
+    result = preprocess_to_binary(source, params, tmp_path / "white.bin", device=device, chunk_duration_s=0.5)
     white = _read(result).astype(np.float64)
     cov = white.T @ white / len(white)
     off_diagonal = cov[~np.eye(16, dtype=bool)]
@@ -219,9 +219,8 @@ def test_local_whitening_gives_identity_covariance_within_the_radius(tmp_path, d
     num_channels, pitch_um, radius_um = 24, 20.0, 60.0
     source = BlockNoiseSource(300_000, _spatially_correlated_mixing(num_channels, pitch_um, 40.0), seed=9)
     source.channel_positions_um = np.c_[np.zeros(num_channels), np.arange(num_channels) * pitch_um]
-    params = PreprocessParams(common_reference=False, whitening_mode="local", whitening_radius_um=radius_um,
-                              chunk_duration_s=0.5)
-    result = preprocess_to_binary(source, params, tmp_path / "local.bin", device=device)
+    params = PreprocessParams(common_reference=False, whitening_mode="local", whitening_radius_um=radius_um)
+    result = preprocess_to_binary(source, params, tmp_path / "local.bin", device=device, chunk_duration_s=0.5)
     distance_um = np.abs(source.channel_positions_um[:, 1, None] - source.channel_positions_um[None, :, 1])
     assert np.all(result.whitening[distance_um > radius_um] == 0.0)  # sparse: neighbourhoods only
     white = _read(result).astype(np.float64)
@@ -268,8 +267,8 @@ def test_whitening_matrix_is_zca():
 @pytest.mark.parametrize("num_samples", [1, 100, 2_000])  # < margin (442), < margin, < one chunk
 def test_recordings_shorter_than_the_margin_or_a_chunk(tmp_path, device, num_samples):
     source = BlockNoiseSource(num_samples, 10.0 * np.eye(4) + 2.0, seed=6)
-    params = PreprocessParams(output_dtype="float32", chunk_duration_s=0.5, whiten=num_samples > 1)
-    result = preprocess_to_binary(source, params, tmp_path / "short.bin", device=device)
+    params = PreprocessParams(output_dtype="float32", whiten=num_samples > 1)
+    result = preprocess_to_binary(source, params, tmp_path / "short.bin", device=device, chunk_duration_s=0.5)
     assert num_samples < 15_000 and (num_samples > 1_000 or num_samples < result.margin_samples)
     out = _read(result)
     assert out.shape == (num_samples, 4) and np.all(np.isfinite(out))
@@ -280,15 +279,17 @@ def test_recordings_shorter_than_the_margin_or_a_chunk(tmp_path, device, num_sam
 def test_nan_is_refused_with_the_sample_range(tmp_path, device):
     traces = np.random.default_rng(7).normal(size=(20_000, 4)).astype(np.float32)
     traces[12_345, 2] = np.nan
-    params = PreprocessParams(chunk_duration_s=0.1, noise_sample_chunks=2)
+    params = PreprocessParams(noise_sample_chunks=2)
     with pytest.raises(BadInputError, match=r"NaN/Inf in samples \[\d+, \d+\) \(first at sample 12345"):
-        preprocess_to_binary(ArraySource(traces, FS_HZ), params, tmp_path / "nan.bin", device=device)
-    assert not (tmp_path / "nan.bin").exists() and not (tmp_path / "nan.bin.partial").exists()
+        preprocess_to_binary(ArraySource(traces, FS_HZ), params, tmp_path / "nan.bin", device=device,
+                             chunk_duration_s=0.1)
+    assert not (tmp_path / "nan.bin").exists() and not list(tmp_path.glob(".nan.bin.*"))
     traces[12_345, 2] = np.inf  # and Inf, in the streaming pass alone (no chunk sampled for estimates)
-    params = PreprocessParams(chunk_duration_s=0.1, noise_sample_chunks=1, whiten=False)
+    params = PreprocessParams(noise_sample_chunks=1, whiten=False)
     with pytest.raises(BadInputError, match=r"\(first at sample 12345, channel index 2\)"):
-        preprocess_to_binary(ArraySource(traces, FS_HZ), params, tmp_path / "inf.bin", device=device)
-    assert not (tmp_path / "inf.bin").exists() and not (tmp_path / "inf.bin.partial").exists()
+        preprocess_to_binary(ArraySource(traces, FS_HZ), params, tmp_path / "inf.bin", device=device,
+                             chunk_duration_s=0.1)
+    assert not (tmp_path / "inf.bin").exists() and not list(tmp_path.glob(".inf.bin.*"))
 
 
 def test_band_above_nyquist_is_refused(tmp_path):
@@ -310,15 +311,16 @@ def _peak_traced_bytes(source: TraceSource, params: PreprocessParams, out_path) 
 
 
 def test_memory_is_bounded_by_the_chunk_not_the_recording(tmp_path):
-    params = PreprocessParams(freq_max_hz=3000.0, chunk_duration_s=0.1, noise_sample_chunks=4)
+    params = PreprocessParams(freq_max_hz=3000.0, noise_sample_chunks=4)
     mixing = 10.0 * np.eye(8) + 1.0
-    short = BlockNoiseSource(10_000, mixing, seed=8, sampling_rate_hz=10_000.0)
-    long = BlockNoiseSource(100_000, mixing, seed=8, sampling_rate_hz=10_000.0)
+    # Both several chunks long, so both hold as many chunks in flight (the CPU streams compute concurrently).
+    short = BlockNoiseSource(30_000, mixing, seed=8, sampling_rate_hz=10_000.0)
+    long = BlockNoiseSource(300_000, mixing, seed=8, sampling_rate_hz=10_000.0)
     _peak_traced_bytes(short, params, tmp_path / "warm.bin")  # first-call allocations (imports, caches)
     peak_short = _peak_traced_bytes(short, params, tmp_path / "short.bin")
     peak_long = _peak_traced_bytes(long, params, tmp_path / "long.bin")
     assert peak_long <= 1.2 * peak_short, (peak_short, peak_long)
-    assert open_binary(tmp_path / "long.bin", 8, 10_000.0, dtype=params.output_dtype).num_samples == 100_000
+    assert open_binary(tmp_path / "long.bin", 8, 10_000.0, dtype=params.output_dtype).num_samples == 300_000
 
 
 def _peak_growth_bytes(source: TraceSource, params: PreprocessParams, out_path, device: str) -> int:
@@ -345,7 +347,7 @@ def _peak_growth_bytes(source: TraceSource, params: PreprocessParams, out_path, 
 
 def test_device_memory_does_not_grow_with_the_recording(tmp_path, device):
     """torch allocations (which tracemalloc does not see) are bounded by the chunk too."""
-    params = PreprocessParams(chunk_duration_s=0.2, noise_sample_chunks=3)
+    params = PreprocessParams(noise_sample_chunks=3)
     mixing = 10.0 * np.eye(16) + 1.0
     recording_bytes = 600_000 * 16 * 2  # 19 MB of float16 output
     short, long = BlockNoiseSource(60_000, mixing, seed=11), BlockNoiseSource(600_000, mixing, seed=11)
@@ -377,6 +379,17 @@ def test_oom_backoff_halves_the_chunk_and_continues(caplog):
         OomBackoff(1000).run(lambda lo, hi: (_ for _ in ()).throw(ValueError("not memory")), 0, 10)
 
 
+def test_host_allocation_failures_are_out_of_memory_too():
+    """torch's CPU allocator raises a plain RuntimeError when the host has no memory: the backoff cures it too."""
+    from nwbflow.device import is_out_of_memory
+
+    with pytest.raises(RuntimeError) as caught:
+        torch.empty(1 << 50, dtype=torch.uint8)  # 1 PiB: beyond any address space
+    assert is_out_of_memory(caught.value)
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(OSError(28, "No space left on device"))
+
+
 class _OomAboveSource(BlockNoiseSource):
     """Raises a (fake) CUDA out-of-memory error on any read of more than ``limit`` samples."""
 
@@ -390,12 +403,13 @@ class _OomAboveSource(BlockNoiseSource):
 
 def test_preprocess_to_binary_survives_out_of_memory(tmp_path, device):
     mixing = 10.0 * np.eye(4) + 2.0
-    params = PreprocessParams(output_dtype="float32", common_reference=False, whiten=False, chunk_duration_s=1.0)
+    params = PreprocessParams(output_dtype="float32", common_reference=False, whiten=False)
     progress: list[tuple[int, int]] = []
     result = preprocess_to_binary(_OomAboveSource(100_000, mixing, seed=12, lfp_uv=50.0), params,
-                                  tmp_path / "oom.bin", device=device, progress=lambda d, t: progress.append((d, t)))
+                                  tmp_path / "oom.bin", device=device, progress=lambda d, t: progress.append((d, t)),
+                                  chunk_duration_s=1.0)
     reference = preprocess_to_binary(BlockNoiseSource(100_000, mixing, seed=12, lfp_uv=50.0), params,
-                                     tmp_path / "ref.bin", device=device)
+                                     tmp_path / "ref.bin", device=device, chunk_duration_s=1.0)
     out, expected = _read(result), _read(reference)
     assert np.max(np.abs(out - expected)) <= 1e-3 * expected.std()
     assert progress[-1] == (100_000, 100_000) and len(progress) > 10  # chunks of < 10k samples after halving
@@ -403,33 +417,38 @@ def test_preprocess_to_binary_survives_out_of_memory(tmp_path, device):
     with pytest.raises(torch.cuda.OutOfMemoryError):  # at most 2 x margin: not worth going on
         _OomAboveSource.limit = 3 * result.margin_samples
         try:
-            preprocess_to_binary(_OomAboveSource(100_000, mixing, seed=12), params, tmp_path / "x.bin", device=device)
+            preprocess_to_binary(_OomAboveSource(100_000, mixing, seed=12), params, tmp_path / "x.bin", device=device,
+                                 chunk_duration_s=1.0)
         finally:
             _OomAboveSource.limit = 10_000
-    assert not (tmp_path / "x.bin").exists() and not (tmp_path / "x.bin.partial").exists()
+    assert not (tmp_path / "x.bin").exists() and not list(tmp_path.glob(".x.bin.*"))
 
 
-def test_out_of_memory_on_concurrent_cpu_streams_goes_on_with_one(tmp_path):
-    """Chunks computed ahead of an out-of-memory error give their buffers back: the one-stream rest never waits."""
+def test_out_of_memory_on_concurrent_cpu_streams_goes_on_with_half_the_chunk(tmp_path, caplog):
+    """Chunks computed ahead of an out-of-memory error give their buffers back; the streams go on from the failed
+    chunk at half its size (the backoff's rule), and never stall."""
     mixing = 10.0 * np.eye(4) + 2.0
-    params = PreprocessParams(output_dtype="float32", common_reference=False, whiten=False, chunk_duration_s=1.0)
+    params = PreprocessParams(output_dtype="float32", common_reference=False, whiten=False)
     outcome: dict = {}
 
     def run() -> None:
         outcome["result"] = preprocess_to_binary(_OomAboveSource(100_000, mixing, seed=12, lfp_uv=50.0), params,
-                                                 tmp_path / "oom.bin")
+                                                 tmp_path / "oom.bin", chunk_duration_s=1.0)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        worker.join(timeout=120)
+        with caplog.at_level(logging.WARNING, logger="nwbflow.device"):
+            worker = threading.Thread(target=run, daemon=True)
+            worker.start()
+            worker.join(timeout=120)
     finally:
         torch.set_num_threads(threads)
     assert not worker.is_alive(), "the stream stalled after the out-of-memory error"
+    halvings = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+    assert halvings and all("retrying from sample" in m for m in halvings)  # the backoff's rule, nothing else
     reference = preprocess_to_binary(BlockNoiseSource(100_000, mixing, seed=12, lfp_uv=50.0), params,
-                                     tmp_path / "ref.bin")
+                                     tmp_path / "ref.bin", chunk_duration_s=1.0)
     np.testing.assert_allclose(_read(outcome["result"]), _read(reference), rtol=0, atol=1e-5 * _read(reference).std())
 
 
@@ -439,17 +458,17 @@ def test_out_of_memory_on_concurrent_cpu_streams_goes_on_with_one(tmp_path):
 def test_float16_output_is_float32_output_rounded_once(tmp_path):
     """The default float16 binary holds the float32 result rounded to nearest: relative error <= 2^-11."""
     source = BlockNoiseSource(60_000, 10.0 * np.eye(8) + 3.0, seed=21, lfp_uv=200.0)
-    half = preprocess_to_binary(source, PreprocessParams(chunk_duration_s=0.2), tmp_path / "half.bin")
-    full = preprocess_to_binary(source, PreprocessParams(chunk_duration_s=0.2, output_dtype="float32"),
-                                tmp_path / "full.bin")
+    half = preprocess_to_binary(source, PreprocessParams(), tmp_path / "half.bin", chunk_duration_s=0.2)
+    full = preprocess_to_binary(source, PreprocessParams(output_dtype="float32"),
+                                tmp_path / "full.bin", chunk_duration_s=0.2)
     assert (half.dtype, full.dtype) == ("float16", "float32")
-    assert half.out_path.stat().st_size * 2 == full.out_path.stat().st_size
+    assert half.binary_path.stat().st_size * 2 == full.binary_path.stat().st_size
     np.testing.assert_array_equal(_read(half), _read(full).astype(np.float16).astype(np.float32))
-    reread = open_binary(half.out_path, 8, dtype="float16").get_traces(1_000, 2_000)
+    reread = open_binary(half.binary_path, 8, dtype="float16").get_traces(1_000, 2_000)
     assert reread.dtype == np.float32
     np.testing.assert_array_equal(reread, _read(half)[1_000:2_000])
     with pytest.raises(BadInputError, match="float64"):
-        open_binary(half.out_path, 8, dtype="float64")
+        open_binary(half.binary_path, 8, dtype="float64")
 
 
 # ------------------------------------------------------------------------------------- background I/O

@@ -17,12 +17,12 @@ from prefect.settings import PREFECT_API_URL
 from conftest import FAST_MOTION, sha256_of
 from nwbflow.errors import BadInputError, StageTimeoutError
 from nwbflow.flows.session import process_session
-from nwbflow.params import PeakParams, PreprocessParams, SessionParams
+from nwbflow.params import PeakParams, SessionParams
 from nwbflow.synth import SynthConfig, write_synthetic_session
-from nwbflow.tasks import ephys as ephys_tasks
+from nwbflow.tasks import preprocess as preprocess_tasks
 from nwbflow.tasks.plan import plan_session
 
-PARAMS = SessionParams(device="cpu", motion=FAST_MOTION)
+PARAMS = SessionParams(execution={"device": "cpu"}, motion=FAST_MOTION)
 
 RUNNER = """
 import sys
@@ -86,7 +86,7 @@ def test_killed_run_resumes_recomputing_only_unfinished_stages(prefect_server, l
 def test_parameter_change_or_deleted_artifacts_recompute(prefect_server, small_session, tmp_path):
     workdir = tmp_path / "work"
     process_session(str(small_session), str(tmp_path / "a.nwb"), PARAMS, str(workdir))
-    changed = SessionParams(device="cpu", motion=FAST_MOTION, peaks=PeakParams(threshold_mad=6.0))
+    changed = SessionParams(execution={"device": "cpu"}, motion=FAST_MOTION, peaks=PeakParams(threshold_mad=6.0))
     states = _task_states(process_session(str(small_session), str(tmp_path / "b.nwb"), changed, str(workdir),
                                           return_state=True))
     assert (states["preprocess"], states["peaks"]) == ("Cached", "Completed")
@@ -97,27 +97,47 @@ def test_parameter_change_or_deleted_artifacts_recompute(prefect_server, small_s
     assert states["preprocess"] == "Completed", states
 
 
-def test_out_of_memory_is_retried_with_half_the_chunk(prefect_server, small_session, tmp_path, monkeypatch):
-    chunks = []
-    real = ephys_tasks.preprocess_to_binary
-
-    def flaky(source, params, out_path, **kwargs):
-        chunks.append(params.chunk_duration_s)
-        if params.chunk_duration_s > 0.3:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(source, params, out_path, **kwargs)
-
-    monkeypatch.setattr(ephys_tasks, "preprocess_to_binary", flaky)
-    plan = plan_session(small_session, PARAMS, tmp_path / "work")
-    task = ephys_tasks.preprocess_task.with_options(retry_delay_seconds=0, refresh_cache=True)
+def _run_preprocess_task(small_session, workdir):
+    """The preprocess task alone, in a flow, on a fresh plan (no cache, retries without delay)."""
+    plan = plan_session(small_session, PARAMS, workdir)
+    task = preprocess_tasks.preprocess_task.with_options(retry_delay_seconds=0, refresh_cache=True)
 
     @flow
     def run():
-        return task(plan, PreprocessParams(chunk_duration_s=1.0))
+        return task(plan.spec("preprocess", PARAMS, {}), PARAMS.preprocess, {})
 
-    outcome = run()
-    assert chunks == [1.0, 0.5, 0.25]
-    assert Path(outcome.artifacts["preprocessed"]).is_file()
+    return run()
+
+
+def test_out_of_memory_is_the_kernels_to_cure_not_a_prefect_retry(prefect_server, small_session, tmp_path,
+                                                                   monkeypatch):
+    """An out-of-memory error that reaches the task (the kernel's backoff could not cure it) fails the stage at
+    once: halving the chunk is the kernels' job (tests/test_preprocess.py), Prefect retries I/O only."""
+    calls = []
+
+    def out_of_memory(*_args, **_kwargs):
+        calls.append(1)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(preprocess_tasks, "preprocess_to_binary", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _run_preprocess_task(small_session, tmp_path / "work")
+    assert calls == [1]
+
+
+def test_a_transient_io_error_is_retried(prefect_server, small_session, tmp_path, monkeypatch):
+    calls = []
+    real = preprocess_tasks.preprocess_to_binary
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(preprocess_tasks, "preprocess_to_binary", flaky)
+    outcome = _run_preprocess_task(small_session, tmp_path / "work")
+    assert calls == [1, 1] and Path(outcome.artifacts["preprocessed"]).is_file()
 
 
 def test_bad_input_is_not_retried(prefect_server, small_session, tmp_path, monkeypatch):
@@ -127,39 +147,36 @@ def test_bad_input_is_not_retried(prefect_server, small_session, tmp_path, monke
         calls.append(1)
         raise BadInputError("NaN in samples 0-10", path=small_session, obj="acquisition/ElectricalSeries")
 
-    monkeypatch.setattr(ephys_tasks, "preprocess_to_binary", bad)
-    plan = plan_session(small_session, PARAMS, tmp_path / "work")
-    task = ephys_tasks.preprocess_task.with_options(retry_delay_seconds=0, refresh_cache=True)
-
-    @flow
-    def run():
-        return task(plan, PreprocessParams())
-
+    monkeypatch.setattr(preprocess_tasks, "preprocess_to_binary", bad)
     with pytest.raises(BadInputError, match="NaN"):
-        run()
+        _run_preprocess_task(small_session, tmp_path / "work")
     assert calls == [1]
 
 
 def test_stage_timeout_stops_the_stage_without_retry(prefect_server, long_session, tmp_path):
-    params = SessionParams(device="cpu", motion=FAST_MOTION, stage_timeout_s=0.5)
+    params = SessionParams(execution={"device": "cpu", "stage_timeout_s": 0.5}, motion=FAST_MOTION)
     with pytest.raises(StageTimeoutError, match="preprocess"):
         process_session(str(long_session), str(tmp_path / "out.nwb"), params, str(tmp_path / "work"))
     assert not (tmp_path / "out.nwb").exists()
     assert not list((tmp_path / "work").glob("*/preprocess-*/preprocessed.bin"))
 
 
-def test_cuda_stage_holds_the_gpu_slot(prefect_server, monkeypatch):
-    """On CUDA a stage takes a slot of the `gpu` global concurrency limit (device faked: no GPU in CI)."""
+def test_cuda_stage_holds_the_gpu_slot(prefect_server, tmp_path):
+    """On CUDA a stage takes a slot of the `gpu` global concurrency limit (no GPU needed: the slot is Prefect's)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    from nwbflow.tasks import compute
+    from nwbflow.params import ExecutionPolicy
+    from nwbflow.tasks.provenance import SeriesInput
+    from nwbflow.tasks.runner import GPU_LIMIT, StageRun, StageSpec
 
-    monkeypatch.setattr(compute, "resolve_device", lambda requested: torch.device("cuda", 0))
+    spec = StageSpec.build("preprocess", workdir=tmp_path, nwb_path="x.nwb", file_identity={}, series="acquisition/x",
+                           parameters={}, policy=ExecutionPolicy(), device="cuda:0",
+                           inputs=(SeriesInput("x.nwb", "acquisition/x", "sha256:0"),))
     with get_client(sync_client=True) as client:
-        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=compute.GPU_LIMIT, limit=1))
-        with compute.stage_device("cuda", "test") as device:
-            assert device.type == "cuda"
-            held = client.read_global_concurrency_limit_by_name(compute.GPU_LIMIT).active_slots
-        released = client.read_global_concurrency_limit_by_name(compute.GPU_LIMIT).active_slots
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
+        with StageRun(spec) as run:
+            assert run.device.type == "cuda"
+            held = client.read_global_concurrency_limit_by_name(GPU_LIMIT).active_slots
+        released = client.read_global_concurrency_limit_by_name(GPU_LIMIT).active_slots
     assert (held, released) == (1, 0)

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from nwbflow.ephys.chunks import ArraySource, open_binary
-from nwbflow.ephys.sorting import sort_traces
+from nwbflow.ephys.chunks import ArraySource
 from nwbflow.ephys.sorting.clustering import cluster_features, dip_split
-from nwbflow.ephys.sorting.features import ScaledSource, _Reservoir
+from nwbflow.ephys.sorting.features import _Reservoir
 from nwbflow.ephys.sorting.matching import match_recording, score_noise_levels
-from nwbflow.ephys.sorting.metrics import UnitWaveforms, quality_metrics
+from nwbflow.ephys.sorting.sorter import sort_traces
 from nwbflow.ephys.sorting.templates import Templates
+from nwbflow.ephys.sorting.traces import ScaledSource
+from nwbflow.ephys.sorting.units import UnitWaveforms, quality_metrics, values_at
 from nwbflow.errors import BadInputError
 from nwbflow.params import PreprocessParams, SortingParams
 
@@ -64,7 +65,7 @@ def test_score_noise_levels_measure_correlated_noise_and_skip_spikes():
     for time in rng.choice(np.arange(100, len(traces) - 100), 400_000 // 1500, replace=False):
         traces[time:time + templates.width] += 12.0 * dense[rng.integers(4)] / np.abs(dense).max()
     scaled = ScaledSource(ArraySource(traces.astype(np.float32), FS), np.ones(6), torch.device("cpu"))
-    measured = score_noise_levels(scaled, templates, chunk_samples=40_000, seed=0).numpy()
+    measured = score_noise_levels(scaled.sample(chunk_samples=40_000, num_chunks=5, seed=0), templates).numpy()
     # 5 chunks of 40 000 scores, correlated over ~35 lags: ~5 700 independent, SD error ~1 %; 4 % is 4 sigma.
     np.testing.assert_allclose(measured, expected, rtol=0.04)
     assert np.max(np.abs(_white_noise_levels(templates).numpy() / expected - 1)) > 0.1  # ||W|| would be wrong
@@ -213,7 +214,7 @@ def ground_truth(tmp_path_factory):
     out = tmp_path_factory.mktemp("sorting") / "preprocessed.bin"
     result = preprocess_to_binary(RecordingSource(recording), PreprocessParams(), out,
                                   channel_positions_um=positions)
-    return open_binary(result.out_path, result.num_channels, FS, dtype=result.dtype), positions, truth
+    return result.open(), positions, truth
 
 
 def test_sorting_recovers_ground_truth_units(ground_truth, device):
@@ -236,29 +237,41 @@ def test_sorting_recovers_ground_truth_units(ground_truth, device):
 
 
 def test_an_uninstalled_spikeinterface_sorter_is_refused_clearly(monkeypatch, tmp_path):
-    from nwbflow.tasks import sorters
+    from nwbflow.ephys.sorting import registry
 
-    monkeypatch.setattr(sorters, "installed_spikeinterface_sorters", lambda: ["simple"])
-    with pytest.raises(BadInputError, match="'kilosort4' is not installed here.*installed: simple"):
-        sorters.run_spikeinterface_sorter("any.nwb", "acquisition/x", SortingParams(sorter="kilosort4"), tmp_path)
+    monkeypatch.setattr(registry, "installed", lambda: ["nwbflow", "simple"])
+    with pytest.raises(BadInputError, match="'kilosort4' is not installed here.*installed: nwbflow, simple"):
+        registry.SORTERS["kilosort4"].run(None, SortingParams(sorter="kilosort4"), tmp_path)
 
 
-def test_a_spikeinterface_sorter_runs_on_the_series_through_our_reader(small_session, tmp_path):
-    """The registry's SpikeInterface path: our reader as a SpikeInterface recording, the sorter, back."""
-    from nwbflow.nwb_io.read import open_session
-    from nwbflow.tasks.sorters import run_spikeinterface_sorter
+def test_the_sorter_parameter_accepts_exactly_the_registry():
+    from pydantic import ValidationError
 
-    with open_session(small_session) as session:
-        series = session.select_ephys(None)
-        object_path, num_samples = series.object_path, series.num_samples
-    samples, units, count = run_spikeinterface_sorter(str(small_session), object_path,
-                                                      SortingParams(sorter="simple"), tmp_path / "si")
-    assert count >= 3 and len(samples) == len(units) > 100
-    assert np.all(np.diff(samples) >= 0) and samples.max() < num_samples and set(units) <= set(range(count))
+    from nwbflow.ephys.sorting.registry import SORTERS
+
+    assert SortingParams.model_json_schema()["properties"]["sorter"]["enum"] == list(SORTERS)
+    with pytest.raises(ValidationError):
+        SortingParams(sorter="kilosort2")
+
+
+def test_values_at_reads_each_spike_value_in_blocks():
+    rng = np.random.default_rng(6)
+    traces = rng.normal(size=(100_000, 5)).astype(np.float32)
+    samples = np.sort(rng.choice(100_000, 500, replace=False))
+    channels = rng.integers(0, 5, 500)
+    reads = []
+
+    class Counting(ArraySource):
+        def get_traces(self, start_sample, end_sample):
+            reads.append((start_sample, end_sample))
+            return super().get_traces(start_sample, end_sample)
+
+    np.testing.assert_array_equal(values_at(Counting(traces, FS), samples, channels), traces[samples, channels])
+    assert len(reads) <= 4  # windows of 30 000 samples, not one read per spike
 
 
 def test_satellite_units_are_copies_of_larger_units_at_a_fixed_lag():
-    from nwbflow.ephys.sorting.postprocess import satellite_units
+    from nwbflow.ephys.sorting.curation import satellite_units
 
     rng = np.random.default_rng(4)
     big = np.sort(rng.choice(3_000_000, 1_500, replace=False))
@@ -276,7 +289,7 @@ def test_satellite_units_are_copies_of_larger_units_at_a_fixed_lag():
 
 
 def test_misaligned_units_have_their_template_trough_away_from_the_detection_sample():
-    from nwbflow.ephys.sorting.postprocess import misaligned_units
+    from nwbflow.ephys.sorting.curation import misaligned_units
 
     before, width, channels = 20, 61, 4
     t = np.arange(width)[:, None]

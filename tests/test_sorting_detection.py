@@ -8,8 +8,9 @@ import torch
 
 import nwbflow.ephys.sorting.detection as detection
 from nwbflow.ephys.chunks import ArraySource
-from nwbflow.ephys.sorting.detection import FootprintDetector, waveform_prototypes
-from nwbflow.ephys.sorting.features import ScaledSource, SnippetGeometry, detect_in_window, detection_tables
+from nwbflow.ephys.sorting.detection import (FootprintDetector, detect_in_window, threshold_tables,
+                                             waveform_prototypes)
+from nwbflow.ephys.sorting.traces import ScaledSource
 from nwbflow.params import SortingParams
 
 FS = 30_000.0
@@ -29,7 +30,8 @@ def _detector(traces: np.ndarray, device: str, threshold: float = 5.0) -> tuple[
     prototypes = waveform_prototypes(torch.as_tensor(np.stack([_waveform()] * 20), dtype=torch.float32,
                                                      device=device), BEFORE, seed=0)
     detector = FootprintDetector.build(prototypes, BEFORE, POSITIONS, FS, threshold)
-    return detector.measured(scaled, chunk_samples=60_000, seed=0), scaled
+    return detector.measured(scaled.sample(chunk_samples=60_000, num_chunks=detection.NOISE_SAMPLE_CHUNKS,
+                                           seed=0)), scaled
 
 
 def _hits(found: np.ndarray, times: np.ndarray, tolerance: int = 2) -> np.ndarray:
@@ -64,9 +66,8 @@ def test_footprint_detection_finds_a_spread_spike_the_channel_threshold_misses(d
     window, first = scaled.window(0, len(traces), WIDTH)
     rows, channels = detector.detect(window, (WIDTH, WIDTH + len(traces)))
     found = np.sort((rows + first).cpu().numpy())
-    tables = detection_tables(POSITIONS, FS, SortingParams(), torch.device(device))
-    geometry = SnippetGeometry(BEFORE, WIDTH - BEFORE - 1)
-    plain, _ = detect_in_window(window, tables, geometry, (WIDTH, WIDTH + len(traces)))
+    tables = threshold_tables(POSITIONS, FS, SortingParams().detect_threshold_mad, torch.device(device))
+    plain, _ = detect_in_window(window, tables, (WIDTH, WIDTH + len(traces)))
     assert _hits(np.sort((plain + first).cpu().numpy()), times).mean() < 0.1
     assert _hits(found, times).mean() > 0.8
     nearest = np.argsort(np.linalg.norm(POSITIONS - centre, axis=1))[:4]

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nwbflow: interrupted", file=sys.stderr)
         return EXIT_FAILURE
-    except Exception as exc:  # the CLI boundary: every other failure is exit code 1
+    except Exception as exc:  # noqa: BLE001 - the CLI boundary: every other failure is exit code 1
         if args.debug:
             traceback.print_exc()
         print(f"nwbflow: failed: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",

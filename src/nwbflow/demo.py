@@ -27,7 +27,7 @@ def run_demo(out_dir: Path, config: SynthConfig = SynthConfig()) -> bool:
     clock = time.perf_counter()
     write_synthetic_session(raw, config, overwrite=True)
     synth_s = time.perf_counter() - clock
-    params = SessionParams(device="cpu")
+    params = SessionParams(execution={"device": "cpu"})
     summary = process_session(str(raw), str(processed), params, str(out_dir / "work"))
     print(f"\nsynthetic session: {raw} ({synth_s:.1f} s to write)\n")
     print(stage_table(summary))

@@ -7,7 +7,8 @@ import functools
 import logging
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -27,6 +28,20 @@ def resolve_device(requested: str = "auto") -> torch.device:
                                 fix="use --device cpu or auto")
     log.info("compute device: %s", device)
     return device
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op CPU threads set to ``count`` for the ``with`` block, then restored (None: unchanged)."""
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 #: glibc ``mallopt`` settings of :func:`tune_host_allocator`: (option number, bytes).
@@ -70,9 +85,15 @@ def tune_host_allocator() -> bool:
     return not refused
 
 
+#: What torch's CPU allocator says when the host has no memory left (it raises a plain RuntimeError).
+HOST_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """True when ``exc`` is a device (CUDA) or host out-of-memory error."""
-    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError))
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and HOST_ALLOCATION_FAILED in str(exc)
 
 
 def free_cached_memory(device: torch.device | str) -> None:
@@ -130,15 +151,34 @@ class OomBackoff:
             hi = min(lo + self.chunk_samples, int(stop))
             try:
                 step(lo, hi)
-            except BaseException as exc:  # noqa: BLE001 - re-raised unless it is an OOM we can cure
-                if not is_out_of_memory(exc) or (hi - lo) // 2 < self.min_chunk_samples:
+            except BaseException as exc:  # re-raised unless it is an OOM we can cure
+                if not self.recoverable(exc, hi - lo):
                     raise
-                failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                failed = describe(exc)
             else:
                 lo = hi
                 continue
             # Outside the except block: the exception and the frames holding the chunk's tensors are gone.
-            self.chunk_samples = (hi - lo) // 2
-            free_cached_memory(self.device)
-            log.warning("out of memory on %s at a chunk of %d samples (%s); retrying from sample %d "
-                        "with %d samples", self.device, hi - lo, failed, lo, self.chunk_samples)
+            self.halve(lo, hi, failed)
+
+    def recoverable(self, exc: BaseException, window_samples: int) -> bool:
+        """Whether a step over ``window_samples`` that raised ``exc`` is retried at half the size: an
+        out-of-memory error, and half the window is not below ``min_chunk_samples``."""
+        return is_out_of_memory(exc) and window_samples // 2 >= self.min_chunk_samples
+
+    def halve(self, lo: int, hi: int, failed: str) -> None:
+        """After an out-of-memory error (``failed``: :func:`describe`) on ``[lo, hi)``: the chunk becomes
+        half that window (kept for later calls), the device cache is freed, a warning is logged.
+
+        :meth:`run` calls it; so does a loop that keeps several chunks in flight (the CPU streams of
+        ``nwbflow.ephys.chunk_stream``), going on from ``lo`` after it.
+        """
+        self.chunk_samples = (hi - lo) // 2
+        free_cached_memory(self.device)
+        log.warning("out of memory on %s at a chunk of %d samples (%s); retrying from sample %d "
+                    "with %d samples", self.device, hi - lo, failed, lo, self.chunk_samples)
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: first line of the message``, for logs."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -23,7 +23,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from nwbflow.errors import OutputBusyError
@@ -102,7 +102,7 @@ def _still_at(fd: int, path: Path) -> bool:
 
 
 def _write_note(fd: int) -> None:
-    note = f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}\n"
+    note = f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}\n"
     os.ftruncate(fd, 0)
     os.pwrite(fd, note.encode(), 0)
 

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from nwbflow.ephys.sorting.registry import SORTERS
 from nwbflow.errors import BadInputError
 
 StageName = Literal["preprocess", "peaks", "motion", "sorting", "calcium"]
@@ -51,7 +52,6 @@ class PreprocessParams(_Params):
     noise_sample_duration_s: float = Field(
         0.33, gt=0.005, le=60, description="Length of each sampled chunk (s); 20 x 0.33 s = 200k samples, "
                                            "as SpikeInterface's whitening uses.")
-    chunk_duration_s: float = Field(1.0, gt=0.01, le=60, description="Samples processed at once (s).")
     output_dtype: Literal["float16", "float32"] = Field(
         "float16", description="Storage of the preprocessed scratch binary: float16 (relative precision 2^-11, "
                                "half the disk and I/O of float32; read back as float32) or float32.")
@@ -145,11 +145,8 @@ class MotionParams(_Params):
                       **overrides})
 
 
-#: Sorters the ``sorting`` stage can run: ours, then SpikeInterface sorters that need no container
-#: (each runs only where SpikeInterface reports it installed; "simple" is SpikeInterface's baseline, which
-#: needs nothing beyond SpikeInterface).
-SORTER_NAMES: tuple[str, ...] = ("nwbflow", "spykingcircus2", "tridesclous2", "kilosort4", "mountainsort5", "simple")
-SorterName = Literal["nwbflow", "spykingcircus2", "tridesclous2", "kilosort4", "mountainsort5", "simple"]
+#: Who can sort: the names of :data:`nwbflow.ephys.sorting.registry.SORTERS` (the UI shows them as a list).
+SorterName = Literal[tuple(SORTERS)]
 
 
 class SortingParams(_Params):
@@ -160,8 +157,10 @@ class SortingParams(_Params):
     """
 
     sorter: SorterName = Field(
-        "nwbflow", description="Who sorts: 'nwbflow' (ours, template matching in torch) or a SpikeInterface "
-                               "sorter installed here, run on the raw series with its own preprocessing.")
+        "nwbflow", description="Who sorts: 'nwbflow' (ours, template matching in torch, on the preprocessed and "
+                               "motion-corrected traces) or a SpikeInterface sorter installed here, run on the raw "
+                               "series with its own preprocessing (our preprocess, peaks and motion then run only "
+                               "when asked for).")
     sorter_params: dict[str, float | int | str | bool | None] = Field(
         default_factory=dict, description="Parameters passed to a SpikeInterface sorter (ignored by 'nwbflow').")
     detect_threshold_mad: float = Field(
@@ -210,8 +209,6 @@ class SortingParams(_Params):
         300, ge=10, le=10_000, description="Spikes per unit (random) averaged into waveform_mean / waveform_sd.")
     presence_bin_s: float = Field(60.0, gt=0, le=3600,
                                   description="Bin of the presence_ratio quality metric (s).")
-    chunk_duration_s: float = Field(2.0, gt=0.05, le=60, description="Samples matched at once (s).")
-    seed: int = Field(0, ge=0, description="Seed of the random subsets (clustering, waveforms).")
 
     @model_validator(mode="after")
     def _radii_are_nested(self) -> SortingParams:
@@ -248,8 +245,6 @@ class CalciumParams(_Params):
                                      description="Running window of the robust F0 baseline (s).")
     baseline_percentile: float = Field(10.0, ge=0, le=50,
                                        description="Percentile of 0.5 s bin means taken as F0 in each window.")
-    batch_size: int = Field(64, ge=1, le=65536,
-                            description="CNN windows (of 4096 samples at 50 Hz) per forward pass; halved on OOM.")
     ar1_sparsity: float = Field(4.0, ge=0, le=100,
                                 description="AR(1): L1 penalty in units of the trace's noise sd (unitless); "
                                             "default tuned on the ground truth (benchmarks/calcium.py).")
@@ -258,33 +253,88 @@ class CalciumParams(_Params):
                                                  "default calibrated on the ground truth.")
 
 
+class ChunkSizes(_Params):
+    """How much of the recording each stage computes at once: memory and speed, and through the order
+    of floating-point sums the last bits of its output (so they enter the stages' cache keys)."""
+
+    preprocess_s: float = Field(1.0, gt=0.01, le=60,
+                                description="Preprocess: samples filtered and whitened at once (s; on the CPU "
+                                            "also kept to ~16 MB windows).")
+    peaks_s: float = Field(1.0, gt=0.01, le=60, description="Peaks: samples detected and localized at once (s).")
+    motion_correction_s: float = Field(
+        1.0, gt=0.01, le=60, description="Motion correction: samples interpolated at once (s; on the CPU also "
+                                         "kept to ~16 MB).")
+    sorting_s: float = Field(2.0, gt=0.05, le=60, description="Sorting: samples detected and matched at once (s).")
+    calcium_windows: int = Field(64, ge=1, le=65536,
+                                 description="Calcium: CNN windows (of 4096 samples at the model rate) per "
+                                             "forward pass.")
+
+
+#: The chunk sizes kernels use when the caller gives none (the policy's defaults).
+DEFAULT_CHUNKS = ChunkSizes()
+
+
+class ExecutionPolicy(_Params):
+    """How a run computes, apart from what it computes: device, threads, seed, chunk sizes, time limit.
+
+    Travels with every stage and into every provenance row (``execution.*`` parameters). The seed and
+    the chunk sizes change results, so they enter the stages' cache keys; the device, the threads and
+    the time limit do not (a result computed on another device is reused). Out-of-memory errors are
+    handled inside the kernels (the chunk is halved and the stage goes on: ``nwbflow.device.OomBackoff``);
+    Prefect retries transient I/O errors only.
+    """
+
+    device: DeviceName = Field("auto", description="Compute device; 'auto' picks CUDA when present.")
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads a stage's torch operations use; default: torch's own "
+                                         "(one per core).")
+    seed: int = Field(0, ge=0, description="Seed of every random choice: sampled chunks, clustering subsets, "
+                                           "the motion fit, waveform spikes.")
+    chunks: ChunkSizes = Field(default_factory=ChunkSizes)
+    stage_timeout_s: float | None = Field(
+        None, gt=0, description="Stop a stage that runs longer than this (s); checked between chunks. "
+                                "Default: no limit.")
+
+    def chunk(self, stage: str) -> float | int:
+        """The chunk size of ``stage`` (s; calcium: windows); None for stages that do not stream (motion's fit)."""
+        field = {"preprocess": "preprocess_s", "peaks": "peaks_s", "motion": "motion_correction_s",
+                 "sorting": "sorting_s", "calcium": "calcium_windows"}[stage]
+        return getattr(self.chunks, field)
+
+    def result_affecting(self, stage: str) -> dict:
+        """What of the policy changes ``stage``'s output (its cache key holds it): the seed and its chunk."""
+        return {"seed": self.seed, "chunk": self.chunk(stage)}
+
+    def for_provenance(self, stage: str, device: str) -> dict:
+        """The policy as ``stage`` ran under it (its chunk; the device it resolved to), for its provenance row."""
+        return {"device": device, "threads": self.threads, "seed": self.seed, "chunk": self.chunk(stage),
+                "stage_timeout_s": self.stage_timeout_s}
+
+
 class SessionParams(_Params):
     """What `process_session` runs on one NWB file."""
 
     stages: tuple[StageName, ...] | None = Field(
         None, description="Stages to run; default: every built stage that applies to the file's content.")
-    device: DeviceName = Field("auto", description="Compute device; 'auto' picks CUDA when present.")
     electrical_series: str | None = Field(
         None, description="Object path of the ElectricalSeries to process (e.g. 'acquisition/ElectricalSeriesAP'); "
                           "default: the only raw-band series.")
-    stage_timeout_s: float | None = Field(
-        None, gt=0, description="Stop a stage that runs longer than this (s); checked between chunks. "
-                                "Default: no limit.")
+    execution: ExecutionPolicy = Field(default_factory=ExecutionPolicy)
     preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
     peaks: PeakParams = Field(default_factory=PeakParams)
     motion: MotionParams = Field(default_factory=MotionParams)
     sorting: SortingParams = Field(default_factory=SortingParams)
     calcium: CalciumParams = Field(default_factory=CalciumParams)
 
-    @model_validator(mode="after")
-    def _stages_in_order(self) -> SessionParams:
-        if self.stages is not None:
-            object.__setattr__(self, "stages", tuple(s for s in STAGE_ORDER if s in self.stages))
-        return self
+    @field_validator("stages")
+    @classmethod
+    def _stages_in_order(cls, stages: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if stages is None else tuple(s for s in STAGE_ORDER if s in stages)
 
 
-def load_session_params(path: str | Path | None, **overrides) -> SessionParams:
-    """Read SessionParams from a JSON or YAML file, then apply keyword overrides.
+def load_session_params(path: str | Path | None, *, stages: list[str] | None = None,
+                        device: str | None = None) -> SessionParams:
+    """Read SessionParams from a JSON or YAML file, then apply the command line's ``stages`` and ``device``.
 
     Raises BadInputError naming the file and the offending field.
     """
@@ -302,7 +352,10 @@ def load_session_params(path: str | Path | None, **overrides) -> SessionParams:
             raise BadInputError(f"not valid JSON/YAML: {exc}", path=path) from exc
         if not isinstance(data, dict):
             raise BadInputError("parameter file must hold a mapping at top level", path=path)
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    if stages is not None:
+        data["stages"] = stages
+    if device is not None and isinstance(data.get("execution", {}), dict):  # else validation names the problem
+        data["execution"] = {**data.get("execution", {}), "device": device}
     try:
         return SessionParams.model_validate(data)
     except ValidationError as exc:

@@ -7,11 +7,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.collections import LineCollection  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.collections import LineCollection
 
-from nwbflow.errors import BadInputError  # noqa: E402
+from nwbflow.errors import BadInputError
 
 #: At most this many peaks are drawn (an evenly strided subset), so figures stay light.
 MAX_POINTS = 200_000

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from nwbflow.dandi_prep.model import PROCESSED, Problem
 from nwbflow.nwb_io.dandi_facts import SUBJECT_FIELDS
-from nwbflow.nwb_io.validate import METADATA_EXTRACTION_CHECK, Finding, blocks_upload
+from nwbflow.nwb_io.validate import METADATA_EXTRACTION_CHECK, Finding, blocks
 
 RAW_NOTE = ("raw files are never changed here: fix it where the raw file is written (e.g. the converter's "
             "metadata) and convert again")
@@ -86,7 +86,7 @@ def rule_for(check: str, message: str = "") -> Rule | None:
 
 def flagged_fields(findings: tuple[Finding, ...] | list[Finding]) -> set[str]:
     """Subject fields the blocking findings flag (meta.yaml may replace these)."""
-    return {name for f in findings if blocks_upload(f) for name in
+    return {name for f in findings if blocks(f) for name in
             (RULES[f.check].fields if f.check in RULES else ())}
 
 
@@ -101,7 +101,7 @@ def problem_for(finding: Finding, *, kind: str, subject_id: str, session: str, a
     age : the file's Subject.age, to suggest its ISO 8601 spelling.
     """
     rule = rule_for(finding.check, finding.message)
-    blocking = blocks_upload(finding)
+    blocking = blocks(finding)
     if rule is None:
         fix = _generic_fix(finding)
     else:

@@ -10,7 +10,7 @@ dandi validate / upload skip it).
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from nwbflow import __version__
@@ -32,7 +32,7 @@ def build_report(results: list[AssetResult], *, root: Path, out_dir: Path, metad
     if not (out_dir / DANDISET_YAML).is_file():
         notes.append(NO_DANDISET_NOTE)
     return {
-        "nwbflow": __version__, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "nwbflow": __version__, "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "root": str(root), "dandiset_dir": str(out_dir), "metadata_file": metadata_file,
         "summary": {READY: sum(r.status == READY for r in results),
                     BLOCKED: sum(r.status == BLOCKED for r in results)},

@@ -1,4 +1,4 @@
-"""Stream a recording through a chunk kernel into a float32 raw binary, in order, memory bounded.
+"""Stream a recording through a chunk kernel into a raw binary, in order, atomically, memory bounded.
 
 A *chunk kernel* maps a raw :class:`~nwbflow.ephys.chunks.Window` (core plus
 context) to its processed core, ``kernel(window, out=None) -> (core, finite)``
@@ -19,7 +19,6 @@ chunk, and the memory held is a fixed number of chunks.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from collections import deque
@@ -30,7 +29,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from nwbflow.device import OomBackoff, is_out_of_memory
+from nwbflow.atomic import atomic_path
+from nwbflow.device import OomBackoff, describe
 from nwbflow.ephys.chunks import (BackgroundWriter, ProgressFn, TraceSource, Window, WindowPrefetcher, chunk_ranges,
                                   read_window)
 from nwbflow.errors import BadInputError
@@ -108,17 +108,19 @@ def _core_into(kernel: ChunkKernel, window: Window, host: np.ndarray) -> torch.T
 
 def stream_to_binary(source: TraceSource, out_path: Path, kernel: ChunkKernel, backoff: OomBackoff,
                      progress: ProgressFn | None, *, streams: int = 1, dtype: str = "float32") -> None:
-    """Write every chunk's core in order to ``out_path`` via a synced temporary file.
+    """Write every chunk's core in order to ``out_path``, atomically (``nwbflow.atomic.atomic_path``).
 
     One stream (any device): while chunk ``k`` is computed, chunk ``k - 1`` is
-    written and chunk ``k + 1`` read by background threads; a chunk that fails
-    (out of memory) is never handed to the writer. Several streams (CPU):
-    chunks are computed concurrently, one torch thread each (torch's intra-op
-    threads scale poorly on these small ops), and written strictly in order.
-    A progress callback that raises stops the stream and leaves no file.
-    ``dtype`` ("float32" or "float16") is how the values are stored.
+    written and chunk ``k + 1`` read by background threads. Several streams
+    (CPU): chunks are computed concurrently, one torch thread each (torch's
+    intra-op threads scale poorly on these small ops), and written strictly in
+    order. Chunks have ``backoff.chunk_samples``; an out-of-memory error is
+    ``backoff``'s to judge (:meth:`~nwbflow.device.OomBackoff.recoverable`): the
+    chunks before the failed one are kept, the stream goes on from its start at
+    half its size. A chunk that fails is never handed to the writer. A progress
+    callback that raises stops the stream and leaves no file. ``dtype``
+    ("float32" or "float16") is how the values are stored.
     """
-    partial = out_path.with_name(out_path.name + ".partial")
     buffers = HostBuffers(max(streams, 1) + 2, backoff.chunk_samples, source.num_channels, dtype)
 
     def step(start: int, end: int) -> None:
@@ -133,30 +135,23 @@ def stream_to_binary(source: TraceSource, out_path: Path, kernel: ChunkKernel, b
         if progress is not None:
             progress(int(end), source.num_samples)
 
-    try:
-        with open(partial, "wb", buffering=0) as handle:
-            written = 0
-            if streams > 1:
-                written = _write_concurrently(source, handle, kernel, buffers, backoff.chunk_samples, progress,
-                                              streams)
-            if written < source.num_samples:  # one stream, or the rest after an out-of-memory error
-                with WindowPrefetcher(source, kernel.margin) as reader, BackgroundWriter(handle) as writer:
-                    backoff.run(step, written, source.num_samples)
-            os.fsync(handle.fileno())
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, out_path)
+    with atomic_path(out_path) as partial, open(partial, "wb", buffering=0) as handle:
+        if streams > 1:
+            _write_concurrently(source, handle, kernel, buffers, backoff, progress, streams)
+        else:
+            with WindowPrefetcher(source, kernel.margin) as reader, BackgroundWriter(handle) as writer:
+                backoff.run(step, 0, source.num_samples)
 
 
-def _write_concurrently(source: TraceSource, handle, kernel: ChunkKernel, buffers: HostBuffers, chunk_samples: int,
-                        progress: ProgressFn | None, streams: int) -> int:
+def _write_concurrently(source: TraceSource, handle, kernel: ChunkKernel, buffers: HostBuffers, backoff: OomBackoff,
+                        progress: ProgressFn | None, streams: int) -> None:
     """Compute chunks on ``streams`` threads (a kernel each, reads serialized), write them in order.
 
     At most ``streams + 1`` chunks are in flight, so memory stays bounded by
     the chunk. torch's thread count is set to 1 for the duration and restored.
-    Returns the samples written: all of them, or, after an out-of-memory
-    error, those before the failed chunk (the caller goes on from there).
+    After a recoverable out-of-memory error the chunks computed before the
+    failed one are written and the stream restarts from it with ``backoff``'s
+    halved chunk.
     """
     kernels: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(streams):
@@ -180,38 +175,52 @@ def _write_concurrently(source: TraceSource, handle, kernel: ChunkKernel, buffer
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=streams) as pool:
-            pending: deque = deque()
-            for start, end in chunk_ranges(source.num_samples, chunk_samples):
-                pending.append((int(end), pool.submit(compute, int(start), int(end))))
-                while len(pending) > streams or (pending and end == source.num_samples):
-                    written = _write_next(pending, handle, buffers, progress, source.num_samples)
-    except BaseException as exc:
-        _give_back_results(pending, buffers)  # the pool has finished them all on leaving its block
-        if not is_out_of_memory(exc):
-            raise
-        log.warning("out of memory with %d concurrent chunks of %d samples; going on one at a time from "
-                    "sample %d", streams, chunk_samples, written)
+            while written < source.num_samples:
+                failure = _stream_from(written, pool, compute, handle, buffers, backoff.chunk_samples, progress,
+                                       source.num_samples, streams)
+                if failure is None:
+                    break
+                written, end, exc = failure
+                if not backoff.recoverable(exc, end - written):
+                    raise exc
+                backoff.halve(written, end, describe(exc))
     finally:
         torch.set_num_threads(threads)
-    return written
 
 
-def _write_next(pending: deque, handle, buffers: HostBuffers, progress: ProgressFn | None, total: int) -> int:
-    """Write the oldest pending chunk and free its buffer; returns the sample its core ends at."""
-    end, future = pending.popleft()
-    host = future.result()
+def _stream_from(start: int, pool: ThreadPoolExecutor, compute, handle, buffers: HostBuffers, chunk_samples: int,
+                 progress: ProgressFn | None, total: int,
+                 streams: int) -> tuple[int, int, BaseException] | None:
+    """Chunks of ``chunk_samples`` from ``start`` to the end, computed on the pool and written in order.
+
+    Returns None when all are written, else ``(start, end, error)`` of the first chunk that failed (every
+    chunk before it is written; those after it are dropped).
+    """
+    pending: deque = deque()
     try:
-        host.tofile(handle)
+        for lo, hi in chunk_ranges(total - start, chunk_samples) + start:
+            pending.append((int(lo), int(hi), pool.submit(compute, int(lo), int(hi))))
+            while len(pending) > streams or (pending and hi == total):
+                lo_done, hi_done, future = pending[0]
+                try:
+                    host = future.result()
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller, which asks the backoff
+                    return lo_done, hi_done, exc
+                pending.popleft()
+                try:
+                    host.tofile(handle)
+                finally:
+                    buffers.give_back(host)
+                if progress is not None:
+                    progress(hi_done, total)
+        return None
     finally:
-        buffers.give_back(host)
-    if progress is not None:
-        progress(end, total)
-    return end
+        _drop_pending(pending, buffers)
 
 
-def _give_back_results(pending: deque, buffers: HostBuffers) -> None:
-    """Free the buffers of computed chunks that will not be written (the stream stopped before them)."""
-    for _, future in pending:
-        if future.done() and future.exception() is None:
+def _drop_pending(pending: deque, buffers: HostBuffers) -> None:
+    """Wait for chunks still in flight and free the buffers of those that were computed (not written)."""
+    for _, _, future in pending:
+        if future.exception() is None:
             buffers.give_back(future.result())
     pending.clear()

@@ -27,7 +27,7 @@ neighbours × window) gather), and ties are settled on a boolean (channels ×
 samples) map of the neighbourhood maxima. ``z`` is computed only at gathered
 samples, with the same float32 arithmetic as a dense ``z`` would use.
 
-Streaming over a binary (:func:`iter_peaks`) reads ``2 * sweep + 1`` samples
+Streaming over a recording (:func:`iter_peaks`) reads ``2 * sweep + 1`` samples
 of margin on each side: whether a core sample is a peak depends on maxima up
 to ``sweep`` away, whose own status depends on samples another ``sweep`` away,
 so chunk boundaries neither lose nor duplicate peaks. Peaks are then located
@@ -54,96 +54,31 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from nwbflow.device import OomBackoff
-from nwbflow.ephys.chunks import TraceSource, chunk_ranges, open_binary, read_window, sample_chunk_ranges
+from nwbflow.ephys.chunks import TraceSource, chunk_ranges, read_window
 from nwbflow.ephys.localize import (LocalizationTables, localize_center_of_mass,
                                     localize_monopolar_triangulation, localize_peaks, neighbour_table)
+from nwbflow.ephys.noise import noise_levels as measured_noise_levels
 from nwbflow.errors import BadInputError
-from nwbflow.params import PeakParams
+from nwbflow.params import DEFAULT_CHUNKS, PeakParams
 
-__all__ = ["MAD_TO_STD", "detect_peaks", "iter_peaks", "localize_center_of_mass", "localize_monopolar_triangulation",
-           "localize_peaks", "neighbour_table", "noise_mad", "source_noise_mad", "sweep_samples"]
+__all__ = ["DetectionTables", "detect_peaks", "iter_peaks", "localize_center_of_mass",
+           "localize_monopolar_triangulation", "localize_peaks", "neighbour_table", "sweep_samples"]
 
 log = logging.getLogger(__name__)
 
-MAD_TO_STD = 0.6744897501960817  # MAD of a standard normal distribution
-
-
-def noise_mad(binary_path: str | Path, num_channels: int, *, chunk_samples: int, num_chunks: int = 20,
-              seed: int = 0, device: torch.device | str = "cpu", binary_dtype: str = "float32") -> np.ndarray:
-    """Per-channel noise level, ``MAD / 0.6745``, from sampled chunks of a raw binary.
-
-    Parameters
-    ----------
-    binary_path : path
-        (num_samples, num_channels) C-order raw binary of ``binary_dtype`` ("float32" or "float16").
-    num_channels : int
-    chunk_samples : int
-        Samples per sampled chunk.
-    num_chunks : int
-        Chunks sampled (seeded, without replacement; all when fewer exist).
-    seed : int
-    device : torch.device or str
-
-    Returns
-    -------
-    noise_levels : (num_channels,) float64
-        In the binary's units; the median over chunks of each chunk's robust
-        standard deviation (memory of one chunk; medians as ``np.median``).
-    """
-    source = open_binary(binary_path, num_channels, dtype=binary_dtype)
-    if source.num_samples == 0:
-        raise BadInputError("cannot estimate noise of an empty binary", path=binary_path)
-    return source_noise_mad(source, chunk_samples=chunk_samples, num_chunks=num_chunks, seed=seed, device=device)
-
-
-def source_noise_mad(source: TraceSource, *, chunk_samples: int, num_chunks: int = 20, seed: int = 0,
-                     device: torch.device | str = "cpu") -> np.ndarray:
-    """:func:`noise_mad` of any :class:`TraceSource` (same sampling, same medians)."""
-    levels = chunk_noise_mads(source, chunk_samples=chunk_samples, num_chunks=num_chunks, seed=seed, device=device)
-    return _median(levels).cpu().numpy()
-
-
-def chunk_noise_mads(source: TraceSource, *, chunk_samples: int, num_chunks: int = 20, seed: int = 0,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """(C, chunks) float64: each sampled chunk's per-channel ``MAD / 0.6745`` (seeded chunks, in time order)."""
-    device = torch.device(device)
-    num_channels = source.num_channels
-    ranges = sample_chunk_ranges(source.num_samples, chunk_samples, num_chunks, seed)
-    if len(ranges) == 0:
-        raise BadInputError("cannot estimate the noise of an empty recording")
-    levels = torch.empty((num_channels, len(ranges)), dtype=torch.float64, device=device)
-    for i, (start, end) in enumerate(ranges):
-        traces = torch.from_numpy(source.get_traces(int(start), int(end))).to(device).T.contiguous()  # (C, T)
-        levels[:, i] = _median((traces - _median(traces).unsqueeze(1)).abs()) / MAD_TO_STD
-    return levels
-
-
-def _median(values: torch.Tensor) -> torch.Tensor:
-    """Median along the last dim, the mean of the two middle values for an even count (as ``np.median``)."""
-    count = values.shape[-1]
-    low = values.kthvalue((count + 1) // 2, dim=-1, keepdim=True).values
-    if count % 2:
-        return low.squeeze(-1)
-    # The next order statistic: ``low`` again when it is repeated past the middle, else the least value above it.
-    above = torch.where(values > low, values, torch.inf).amin(dim=-1, keepdim=True)
-    high = torch.where((values <= low).sum(dim=-1, keepdim=True) > count // 2, low, above)
-    return ((low + high) / 2).squeeze(-1)
-
-
-def sweep_samples(params: PeakParams, sampling_rate_hz: float) -> int:
+def sweep_samples(sweep_ms: float, sampling_rate_hz: float) -> int:
     """Half-width of the temporal exclusion window (samples, at least 1)."""
-    return max(int(round(params.sweep_ms * sampling_rate_hz / 1000.0)), 1)
+    return max(int(round(sweep_ms * sampling_rate_hz / 1000.0)), 1)
 
 
 @dataclass(frozen=True)
 class DetectionTables:
-    """Device-resident constants of detection for one run (see :meth:`build`).
+    """Device-resident constants of detection for one run (see :meth:`build`, :meth:`for_peaks`).
 
     Attributes
     ----------
@@ -166,18 +101,27 @@ class DetectionTables:
     peak_sign: str
 
     @classmethod
-    def build(cls, channel_positions_um: np.ndarray, sampling_rate_hz: float, params: PeakParams,
-              noise_levels: np.ndarray, device: torch.device) -> DetectionTables:
+    def build(cls, channel_positions_um: np.ndarray, sampling_rate_hz: float, *, threshold: float, peak_sign: str,
+              exclusion_radius_um: float, sweep_ms: float, noise_levels: np.ndarray,
+              device: torch.device) -> DetectionTables:
+        """Tables for a threshold (in noise levels), polarity, exclusion radius (µm) and half-sweep (ms)."""
         positions = np.asarray(channel_positions_um, dtype=np.float64)
         noise = np.asarray(noise_levels, dtype=np.float64)
         if noise.shape != (len(positions),) or not np.all(np.isfinite(noise) & (noise > 0)):
             raise BadInputError(f"noise_levels must be {len(positions)} positive finite values, "
                                 f"got shape {noise.shape}")
-        scale = (1.0 / (params.threshold_mad * noise)).astype(np.float32)
-        neighbours, _ = neighbour_table(positions, params.exclusion_radius_um)
+        scale = (1.0 / (threshold * noise)).astype(np.float32)
+        neighbours, _ = neighbour_table(positions, exclusion_radius_um)
         return cls(torch.as_tensor(scale, device=device), torch.as_tensor(_onset(scale), device=device),
-                   torch.as_tensor(neighbours, device=device), sweep_samples(params, sampling_rate_hz),
-                   params.peak_sign)
+                   torch.as_tensor(neighbours, device=device), sweep_samples(sweep_ms, sampling_rate_hz), peak_sign)
+
+    @classmethod
+    def for_peaks(cls, channel_positions_um: np.ndarray, sampling_rate_hz: float, params: PeakParams,
+                  noise_levels: np.ndarray, device: torch.device) -> DetectionTables:
+        """Tables of the peaks stage: threshold, polarity, exclusion and sweep of ``params``."""
+        return cls.build(channel_positions_um, sampling_rate_hz, threshold=params.threshold_mad,
+                         peak_sign=params.peak_sign, exclusion_radius_um=params.exclusion_radius_um,
+                         sweep_ms=params.sweep_ms, noise_levels=noise_levels, device=device)
 
 
 def _onset(scale: np.ndarray) -> np.ndarray:
@@ -276,7 +220,7 @@ def detect_peaks(traces: np.ndarray | torch.Tensor, channel_positions_um: np.nda
     params : PeakParams
         threshold_mad, peak_sign, exclusion_radius_um, sweep_ms are used.
     noise_levels : (num_channels,) float
-        Per-channel noise (same units as ``traces``), e.g. :func:`noise_mad`.
+        Per-channel noise (same units as ``traces``), e.g. :func:`nwbflow.ephys.noise.noise_levels`.
     device : torch.device or str
 
     Returns
@@ -290,7 +234,7 @@ def detect_peaks(traces: np.ndarray | torch.Tensor, channel_positions_um: np.nda
     if traces.ndim != 2 or traces.shape[1] != len(channel_positions_um):
         raise BadInputError(f"traces have shape {tuple(traces.shape)}, expected (num_samples, "
                             f"{len(channel_positions_um)}) to match channel_positions_um")
-    tables = DetectionTables.build(channel_positions_um, sampling_rate_hz, params, noise_levels, device)
+    tables = DetectionTables.for_peaks(channel_positions_um, sampling_rate_hz, params, noise_levels, device)
     samples, channels = neighbourhood_maxima(traces, tables)
     first = first_of_ties(samples, channels, traces.shape[0], tables)
     samples, channels = samples[first], channels[first]
@@ -298,72 +242,70 @@ def detect_peaks(traces: np.ndarray | torch.Tensor, channel_positions_um: np.nda
             "amplitude": traces[samples, channels].cpu().numpy()}
 
 
-def iter_peaks(binary_path: str | Path, num_channels: int, channel_positions_um: np.ndarray,
-               sampling_rate_hz: float, params: PeakParams, *, whitening_inverse: np.ndarray | None = None,
-               noise_levels: np.ndarray | None = None, chunk_samples: int | None = None,
-               seed: int = 0, device: torch.device | str = "cpu",
-               binary_dtype: str = "float32") -> Iterator[dict[str, np.ndarray]]:
-    """Detect and localize peaks over a preprocessed raw binary, one chunk at a time.
+def iter_peaks(source: TraceSource, channel_positions_um: np.ndarray, params: PeakParams, *,
+               whitening_inverse: np.ndarray | None = None, noise_levels: np.ndarray | None = None,
+               chunk_samples: int | None = None, seed: int = 0,
+               device: torch.device | str = "cpu") -> Iterator[dict[str, np.ndarray]]:
+    """Detect and localize peaks over a preprocessed recording, one chunk at a time.
 
     Parameters
     ----------
-    binary_path : path
-        (num_samples, num_channels) C-order raw binary of ``binary_dtype``
-        ("float32" or "float16", ``PreprocessResult.dtype``), read with explicit reads.
-    num_channels : int
+    source : TraceSource
+        (num_samples, num_channels) preprocessed traces, e.g. ``PreprocessedRecording.open()``.
     channel_positions_um : (num_channels, 2+) float, µm
-    sampling_rate_hz : float
     params : PeakParams
         ``localization`` picks the method (:data:`nwbflow.ephys.localize.LOCALIZATION_METHODS`),
         over channels within ``localization_radius_um``.
     whitening_inverse : (num_channels, num_channels) float or None
-        ``PreprocessResult.whitening_inverse``, for localization on the filtered scale.
+        ``PreprocessedRecording.whitening_inverse``, for localization on the filtered scale.
     noise_levels : (num_channels,) float or None
-        Default: :func:`noise_mad` over ``params.noise_sample_chunks`` sampled chunks of
-        ``params.noise_sample_duration_s`` (``seed``).
+        Default: :func:`nwbflow.ephys.noise.noise_levels` over ``params.noise_sample_chunks`` sampled
+        chunks of ``params.noise_sample_duration_s`` (``seed``).
     chunk_samples : int or None
-        Core samples per chunk (one batch each); default one second. When the
-        device runs out of memory the chunk is computed in halves (and later
-        ones at the reduced size, :class:`nwbflow.device.OomBackoff`), from the
-        same sample, so batches keep their ranges.
+        Core samples per chunk (one batch each); default ``ChunkSizes.peaks_s`` of the execution
+        policy. When the device runs out of memory the chunk is computed in halves (and later ones
+        at the reduced size, :class:`nwbflow.device.OomBackoff`), from the same sample, so batches
+        keep their ranges.
     seed : int
     device : torch.device or str
         Where the kernels run; resolve ``"auto"`` before calling.
-    binary_dtype : {"float32", "float16"}
 
     Yields
     ------
     batch : dict of (n,) numpy arrays, one per chunk (possibly empty), in time order
         ``sample_index`` int64 (absolute), ``channel_index`` int32,
-        ``amplitude`` float32 (binary's units), ``x_um``, ``y_um`` float32.
+        ``amplitude`` float32 (source units), ``x_um``, ``y_um`` float32.
     """
     device = torch.device(device)
-    chunk_samples = int(chunk_samples or max(int(round(sampling_rate_hz)), 1))
-    source = open_binary(binary_path, num_channels, sampling_rate_hz, dtype=binary_dtype)
+    rate_hz = float(source.sampling_rate_hz)
+    chunk_samples = int(chunk_samples or max(int(round(DEFAULT_CHUNKS.peaks_s * rate_hz)), 1))
     positions = np.asarray(channel_positions_um, dtype=np.float64)
-    if positions.shape[0] != num_channels or positions.ndim != 2 or positions.shape[1] < 2:
-        raise BadInputError(f"channel_positions_um has shape {positions.shape}, expected ({num_channels}, 2)",
-                            path=binary_path)
+    if positions.shape[0] != source.num_channels or positions.ndim != 2 or positions.shape[1] < 2:
+        raise BadInputError(f"channel_positions_um has shape {positions.shape}, expected "
+                            f"({source.num_channels}, 2)")
     if noise_levels is None:
         # An odd window: each median is then one order statistic (one kthvalue, not three passes).
-        noise_window = max(int(round(params.noise_sample_duration_s * sampling_rate_hz)), 1) | 1
-        noise_levels = noise_mad(binary_path, num_channels, chunk_samples=noise_window,
-                                 num_chunks=params.noise_sample_chunks, seed=seed, device=device,
-                                 binary_dtype=binary_dtype)
-    detection = DetectionTables.build(positions, sampling_rate_hz, params, noise_levels, device)
+        noise_window = max(int(round(params.noise_sample_duration_s * rate_hz)), 1) | 1
+        noise_levels = measured_noise_levels(source, chunk_samples=noise_window, num_chunks=params.noise_sample_chunks,
+                                             seed=seed, device=device)
+    detection = DetectionTables.for_peaks(positions, rate_hz, params, noise_levels, device)
     localization = LocalizationTables.build(positions, params.localization_radius_um, whitening_inverse, device)
     margin = 2 * detection.half + 1
     backoff = OomBackoff(chunk_samples, device=device)
     total = 0
     for start, end in chunk_ranges(source.num_samples, chunk_samples):
         parts: list[dict[str, np.ndarray]] = []
-        backoff.run(lambda lo, hi: parts.append(_window_peaks(source, lo, hi, margin, detection, localization,
-                                                              params.localization)), int(start), int(end))
+
+        def step(lo: int, hi: int, parts: list = parts) -> None:
+            parts.append(_window_peaks(source, lo, hi, margin, detection, localization, params.localization))
+
+        backoff.run(step, int(start), int(end))
         batch = parts[0] if len(parts) == 1 else {key: np.concatenate([part[key] for part in parts])
                                                   for key in parts[0]}
         total += batch["sample_index"].size
         yield batch
-    log.info("detected %d peaks in %d samples x %d channels on %s", total, source.num_samples, num_channels, device)
+    log.info("detected %d peaks in %d samples x %d channels on %s", total, source.num_samples, source.num_channels,
+             device)
 
 
 def _window_peaks(source: TraceSource, start: int, end: int, margin: int, detection: DetectionTables,

@@ -1,10 +1,11 @@
 """Preprocessing: offset removal, median common reference, zero-phase band-pass, ZCA whitening (torch).
 
-The recording is streamed chunk by chunk (at most ``params.chunk_duration_s``;
-on the CPU at most ``CPU_WINDOW_BYTES`` too), each chunk read with a margin on
-both sides that the band-pass needs to forget the chunk's edges; the core of
-every chunk is written to a float32 C-order raw binary of shape (num_samples,
-num_channels). Memory is bounded by a few chunks plus their margins, never by
+The recording is streamed chunk by chunk (at most the execution policy's
+``chunks.preprocess_s``; on the CPU at most ``CPU_WINDOW_BYTES`` too), each
+chunk read with a margin on both sides that the band-pass needs to forget the
+chunk's edges; the core of every chunk is written to a float16 or float32
+C-order raw binary of shape (num_samples, num_channels), described by a
+:class:`~nwbflow.ephys.recording.PreprocessedRecording`. Memory is bounded by a few chunks plus their margins, never by
 the recording. Everything runs in float32 on the ``device`` given (CPU or
 CUDA); the host reads the next window and writes the previous core on
 background threads meanwhile, and waits for the device once per chunk (to copy
@@ -28,7 +29,8 @@ Per chunk, in order:
 
 The streaming chunk is sized so that core plus margins fill one 5-smooth FFT
 length (:func:`fft_length`) exactly. The band-pass and whitening functions
-are re-exported here.
+are re-exported here. :class:`PreprocessedSource` computes the same windows on
+demand, for readers of a few scattered windows.
 
 Examples
 --------
@@ -51,14 +53,15 @@ import torch
 
 from nwbflow.device import OomBackoff
 from nwbflow.ephys.chunk_stream import refuse_non_finite, stream_to_binary
-from nwbflow.ephys.chunks import ProgressFn, TraceSource, Window, WindowPrefetcher, sample_chunk_ranges
+from nwbflow.ephys.chunks import ProgressFn, TraceSource, Window, WindowPrefetcher, read_window, sample_chunk_ranges
 from nwbflow.ephys.filtering import (DEFAULT_MARGIN_TOLERANCE, bandpass_gain, design_bandpass, fft_length,
                                      filter_margin_samples, filter_padded_window, host_tensor, zero_phase_filter)
+from nwbflow.ephys.recording import PreprocessedRecording, SessionClock
 from nwbflow.ephys.whitening import local_whitening_matrix, whitening_matrix
 from nwbflow.errors import BadInputError
-from nwbflow.params import PreprocessParams
+from nwbflow.params import DEFAULT_CHUNKS, PreprocessParams
 
-__all__ = ["CPU_WINDOW_BYTES", "DEFAULT_MARGIN_TOLERANCE", "PreprocessResult", "bandpass_gain", "design_bandpass",
+__all__ = ["CPU_WINDOW_BYTES", "DEFAULT_MARGIN_TOLERANCE", "PreprocessedSource", "bandpass_gain", "design_bandpass",
            "estimate_covariance", "estimate_offsets", "fft_length", "filter_margin_samples", "local_whitening_matrix",
            "median_across_channels", "preprocess_chunk", "preprocess_to_binary", "whitening_matrix",
            "zero_phase_filter"]
@@ -68,46 +71,6 @@ log = logging.getLogger(__name__)
 #: On the CPU a chunk's float32 window is kept to about this size: the kernel runs ~15 % faster (384
 #: channels, 1 and 2 threads) on 16 MB windows than on 1 s ones (47 MB), the FFT's cache misses mostly.
 CPU_WINDOW_BYTES = 16 << 20
-
-
-@dataclass(frozen=True, eq=False)
-class PreprocessResult:
-    """What :func:`preprocess_to_binary` wrote and estimated.
-
-    Attributes
-    ----------
-    out_path : Path
-        The (num_samples, num_channels) C-order raw binary, values stored as ``dtype``.
-    num_samples, num_channels : int
-    sampling_rate_hz : float
-    whitening : (num_channels, num_channels) float64 or None
-        ``W`` applied to each filtered sample (row) as ``x_white = W @ x``;
-        symmetric in global mode, one local ZCA row per channel in local mode.
-        None when whitening was off.
-    whitening_inverse : (num_channels, num_channels) float64 or None
-        ``W^-1``: maps whitened samples back to the filtered scale (µV),
-        ``x = W^-1 @ x_white``. None when whitening was off.
-    offsets_uv : (num_channels,) float64, µV
-        Per-channel offsets subtracted first.
-    margin_samples : int
-        Samples of context read on each side of every chunk.
-    device : str
-        Where the kernel ran, e.g. ``"cpu"`` or ``"cuda:0"``.
-    dtype : {"float16", "float32"}
-        How the binary stores values (``PreprocessParams.output_dtype``);
-        read it with ``open_binary(out_path, num_channels, dtype=dtype)``.
-    """
-
-    out_path: Path
-    num_samples: int
-    num_channels: int
-    sampling_rate_hz: float
-    whitening: np.ndarray | None
-    whitening_inverse: np.ndarray | None
-    offsets_uv: np.ndarray
-    margin_samples: int
-    device: str = "cpu"
-    dtype: str = "float32"
 
 
 # -------------------------------------------------------------------------------------- common reference
@@ -381,9 +344,52 @@ def _whole_ranges(ranges: np.ndarray, device: torch.device | str) -> OomBackoff:
 # -------------------------------------------------------------------------------------------- streaming
 
 
+@dataclass(frozen=True, eq=False)
+class _Estimates:
+    """What preprocessing estimates before it streams: the band-pass and its margin, offsets, W, W^-1."""
+
+    sos: np.ndarray
+    margin: int
+    offsets_uv: np.ndarray
+    whitening: np.ndarray | None
+    whitening_inverse: np.ndarray | None
+
+    def kernel(self, params: PreprocessParams, device: torch.device) -> _ChunkKernel:
+        return _ChunkKernel(self.sos, self.margin, device, offsets_uv=self.offsets_uv,
+                            common_reference=params.common_reference, whitening=self.whitening)
+
+
+def _band(params: PreprocessParams, sampling_rate_hz: float) -> tuple[np.ndarray, int]:
+    """The band-pass of one pass (sos) and the margin (samples) it needs."""
+    sos = design_bandpass(params.freq_min_hz, params.freq_max_hz, sampling_rate_hz, params.filter_order)
+    return sos, filter_margin_samples(sos)
+
+
+def _estimate(source: TraceSource, params: PreprocessParams, positions: np.ndarray | None, seed: int,
+              device: torch.device, backoff: OomBackoff | None = None) -> _Estimates:
+    """Offsets and (when ``params.whiten``) W from seeded sampled chunks."""
+    sos, margin = _band(params, float(source.sampling_rate_hz))
+    noise_window = max(int(round(params.noise_sample_duration_s * source.sampling_rate_hz)), 1)
+    sampled = sample_chunk_ranges(source.num_samples, noise_window, params.noise_sample_chunks, seed)
+    offsets = estimate_offsets(source, sampled, device=device)
+    whitening = whitening_inverse = None
+    if params.whiten:
+        cov = estimate_covariance(source, sampled, sos, margin, offsets_uv=offsets, device=device,
+                                  common_reference=params.common_reference, backoff=backoff)
+        if params.whitening_mode == "local":
+            whitening = local_whitening_matrix(cov, positions, params.whitening_radius_um,
+                                               params.whitening_regularization)
+        else:
+            whitening = whitening_matrix(cov, params.whitening_regularization)
+        whitening_inverse = np.linalg.inv(whitening)
+    return _Estimates(sos, margin, offsets, whitening, whitening_inverse)
+
+
 def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path: str | Path, *,
-                         seed: int = 0, progress: ProgressFn | None = None, device: torch.device | str = "cpu",
-                         channel_positions_um: np.ndarray | None = None) -> PreprocessResult:
+                         chunk_duration_s: float = DEFAULT_CHUNKS.preprocess_s, seed: int = 0,
+                         progress: ProgressFn | None = None, device: torch.device | str = "cpu",
+                         channel_positions_um: np.ndarray | None = None,
+                         clock: SessionClock | None = None) -> PreprocessedRecording:
     """Stream a recording through :func:`preprocess_chunk` into a float16 or float32 raw binary.
 
     Parameters
@@ -393,8 +399,9 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
     params : PreprocessParams
     out_path : path
         Written as (num_samples, num_channels) C-order values of
-        ``params.output_dtype`` (computed in float32), atomically
-        (a ``.partial`` file renamed into place once complete and synced).
+        ``params.output_dtype`` (computed in float32), atomically.
+    chunk_duration_s : float
+        Samples streamed at once (s), the execution policy's ``chunks.preprocess_s``.
     seed : int
         Seed of the choice of chunks sampled for offsets and whitening.
     progress : callable, optional
@@ -409,12 +416,16 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
         device out-of-memory error the chunk is halved and the stage goes on
         from the same sample (down to twice the margin).
     channel_positions_um : (num_channels, 2) float, µm, optional
-        Needed by ``whitening_mode="local"``; default: the source's
-        ``channel_positions_um`` attribute, when it has one.
+        Kept in the record and needed by ``whitening_mode="local"``; default:
+        the source's ``channel_positions_um`` attribute, when it has one.
+    clock : SessionClock, optional
+        The samples' session clock, kept in the record; default: the source's
+        rate from time 0.
 
     Returns
     -------
-    PreprocessResult
+    PreprocessedRecording
+        The record later stages read the binary with.
 
     Raises
     ------
@@ -427,39 +438,57 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
     positions = _positions_for(source, params, channel_positions_um)
     device = torch.device(device)
     fs = float(source.sampling_rate_hz)
-    sos = design_bandpass(params.freq_min_hz, params.freq_max_hz, fs, params.filter_order)
-    margin = filter_margin_samples(sos)
-    nominal = max(int(round(params.chunk_duration_s * fs)), 1)
-    noise_window = max(int(round(params.noise_sample_duration_s * fs)), 1)
-    sampled = sample_chunk_ranges(source.num_samples, noise_window, params.noise_sample_chunks, seed)
-    chunk_samples = _streaming_chunk_samples(nominal, margin, source.num_channels, device)
+    _, margin = _band(params, fs)
+    chunk_samples = _streaming_chunk_samples(max(int(round(chunk_duration_s * fs)), 1), margin,
+                                             source.num_channels, device)
     backoff = OomBackoff(chunk_samples, min_chunk_samples=min(2 * margin, chunk_samples), device=device)
     started = time.perf_counter()
-    offsets = estimate_offsets(source, sampled, device=device)
-    whitening = whitening_inverse = None
-    if params.whiten:
-        cov = estimate_covariance(source, sampled, sos, margin, offsets_uv=offsets, device=device,
-                                  common_reference=params.common_reference, backoff=backoff)
-        if params.whitening_mode == "local":
-            whitening = local_whitening_matrix(cov, positions, params.whitening_radius_um,
-                                               params.whitening_regularization)
-        else:
-            whitening = whitening_matrix(cov, params.whitening_regularization)
-        whitening_inverse = np.linalg.inv(whitening)
-    kernel = _ChunkKernel(sos, margin, device, offsets_uv=offsets, common_reference=params.common_reference,
-                          whitening=whitening)
+    estimates = _estimate(source, params, positions, seed, device, backoff)
     out_path = Path(out_path)
     streams = torch.get_num_threads() if device.type == "cpu" else 1
-    stream_to_binary(source, out_path, kernel, backoff, progress, streams=streams, dtype=params.output_dtype)
+    stream_to_binary(source, out_path, estimates.kernel(params, device), backoff, progress, streams=streams,
+                     dtype=params.output_dtype)
     elapsed = time.perf_counter() - started
     log.info("preprocessed %d samples x %d channels (%.1f s of recording) on %s in %.2f s "
              "(%.2f s of recording per s), margin %d samples, chunk %d samples", source.num_samples,
              source.num_channels, source.num_samples / fs, device, elapsed,
              source.num_samples / fs / max(elapsed, 1e-9), margin, backoff.chunk_samples)
-    return PreprocessResult(out_path=out_path, num_samples=int(source.num_samples),
-                            num_channels=int(source.num_channels), sampling_rate_hz=fs, whitening=whitening,
-                            whitening_inverse=whitening_inverse, offsets_uv=offsets, margin_samples=margin,
-                            device=str(device), dtype=params.output_dtype)
+    return PreprocessedRecording(
+        binary_path=out_path, dtype=params.output_dtype, num_samples=int(source.num_samples),
+        num_channels=int(source.num_channels), sampling_rate_hz=fs, channel_positions_um=positions,
+        whitening=estimates.whitening, whitening_inverse=estimates.whitening_inverse,
+        clock=clock or SessionClock(rate_hz=fs), offsets_uv=estimates.offsets_uv, margin_samples=margin,
+        device=str(device))
+
+
+class PreprocessedSource:
+    """A :class:`TraceSource` serving preprocessed windows of another, computed on demand (float32).
+
+    The offsets (and, with ``params.whiten``, W) are estimated from sampled chunks as
+    :func:`preprocess_to_binary` does; each read filters its window with the band-pass's margin on
+    both sides. What reads a few scattered windows (unit waveforms of a SpikeInterface sorter's
+    spikes) needs no binary of the whole recording.
+    """
+
+    def __init__(self, source: TraceSource, params: PreprocessParams, *, seed: int = 0,
+                 device: torch.device | str = "cpu", channel_positions_um: np.ndarray | None = None):
+        _check_source(source, params)
+        self._source, self._device = source, torch.device(device)
+        self._params = params
+        positions = _positions_for(source, params, channel_positions_um)
+        self.estimates = _estimate(source, params, positions, seed, self._device)
+        self._kernel = self.estimates.kernel(params, self._device)
+        self.num_samples, self.num_channels = source.num_samples, source.num_channels
+        self.sampling_rate_hz = source.sampling_rate_hz
+
+    def get_traces(self, start_sample: int, end_sample: int) -> np.ndarray:
+        """Preprocessed traces : (end_sample - start_sample, num_channels) float32 (µV, or whitened units)."""
+        if end_sample <= start_sample:
+            return np.zeros((0, self.num_channels), dtype=np.float32)
+        window = read_window(self._source, int(start_sample), int(end_sample), self.estimates.margin)
+        core, finite = self._kernel(window)
+        refuse_non_finite(finite, window, int(start_sample))
+        return core.cpu().numpy().copy()
 
 
 def _streaming_chunk_samples(nominal: int, margin: int, num_channels: int, device: torch.device) -> int:
@@ -480,11 +509,12 @@ def _check_source(source: TraceSource, params: PreprocessParams) -> None:
 
 
 def _positions_for(source: TraceSource, params: PreprocessParams, given: np.ndarray | None) -> np.ndarray | None:
-    """Channel positions for local whitening: the argument, else the source's attribute; checked."""
-    if not (params.whiten and params.whitening_mode == "local"):
-        return None
+    """Channel positions (µm): the argument, else the source's attribute, else None (refused by local
+    whitening, which needs them); checked."""
     positions = given if given is not None else getattr(source, "channel_positions_um", None)
     if positions is None:
+        if not (params.whiten and params.whitening_mode == "local"):
+            return None
         raise BadInputError("local whitening needs channel positions, and none were given",
                             fix="pass channel_positions_um=(num_channels, 2) µm or set "
                                 "preprocess.whitening_mode='global'")

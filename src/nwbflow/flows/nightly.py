@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 from contextlib import ExitStack
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -129,7 +129,7 @@ def nightly(root: Annotated[str, Field(min_length=1)], out_dir: str | None = Non
         relative = str(nwb_path.relative_to(root_path))
         try:
             result = _process_if_changed(root_path, out_path, nwb_path, params, workdir)
-        except Exception as exc:  # one bad session must not stop the night; reported below
+        except Exception as exc:  # noqa: BLE001 - one bad session must not stop the night; reported below
             log.error("session %s failed: %s", relative, exc)
             outcome["failed"].append({"session": relative, "error": f"{type(exc).__name__}: {exc}"})
             continue
@@ -160,7 +160,7 @@ def _process_if_changed(root: Path, out_dir: Path, nwb_path: Path, base: Session
             return "skipped"
         process_session(str(nwb_path), str(target), params, workdir or str(out_dir / ".nwbflow-work"))
         record_in_ledger(out_dir, relative, {"key": key, "output": str(target), "nwbflow": __version__,
-                                             "processed_utc": datetime.now(timezone.utc).isoformat(),
+                                             "processed_utc": datetime.now(UTC).isoformat(),
                                              "flow_run_id": str(flow_run.id or "")})
     return "processed"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import h5py
@@ -110,7 +110,7 @@ def _attach_offset(h5: h5py.File, name: str, utc_offset: str) -> None:
     dataset = h5[name]
     scalar = dataset.shape == ()
     values = [_hdf5.text(v) for v in ([dataset[()]] if scalar else list(dataset[()]))]
-    tz = datetime.strptime(utc_offset.replace("Z", "+00:00"), "%z").tzinfo or timezone.utc
+    tz = datetime.strptime(utc_offset.replace("Z", "+00:00"), "%z").tzinfo or UTC
     fixed = [_with_offset(v, tz) for v in values]
     if fixed == values:
         return

@@ -27,6 +27,11 @@ class NwbSeriesRecording(BaseRecording):
         self.set_channel_offsets(np.zeros(series.num_channels))
         self.add_recording_segment(_SeriesSegment(session, series))
         self._kwargs = {"nwb_path": str(nwb_path), "object_path": object_path}
+        self._session = session
+
+    def close(self) -> None:
+        """Close the file (idempotent); the recording cannot be read after."""
+        self._session.close()
 
 
 class _SeriesSegment(BaseRecordingSegment):

@@ -33,6 +33,7 @@ from nwbflow.errors import BadInputError, NwbflowError, OutputWriteError
 from nwbflow.extensions import NAMESPACE, MotionEstimate, ProvenanceTable
 from nwbflow.nwb_io import layout
 from nwbflow.nwb_io.provenance import ProvenanceRecord
+from nwbflow.nwb_io.validate import validate_file
 
 log = logging.getLogger(__name__)
 
@@ -371,10 +372,10 @@ def _text(value) -> str:
 
 
 def _validate(tmp_path: Path, output_path: Path) -> None:
-    errors = pynwb.validate(path=str(tmp_path))
-    if errors:
-        raise NwbflowError(f"{output_path}: the processed file fails NWB schema validation, "
-                           f"so it was not written: {errors[:5]}")
+    blocking = validate_file(tmp_path, validators=("pynwb",)).blocking()
+    if blocking:
+        raise NwbflowError(f"{output_path}: the processed file fails NWB schema validation, so it was not written: "
+                           + "; ".join(f"{f.location}: {f.message}" for f in blocking[:5]))
     with h5py.File(tmp_path, "r") as h5:
         if f"specifications/{NAMESPACE}" not in h5:
             raise NwbflowError(f"{output_path}: the ndx-nwbflow spec was not cached in the file")

@@ -19,7 +19,7 @@ from nwbflow.ophys.infer import infer_spike_rate
 from nwbflow.ophys.model import TRAINED_RATE_RANGE_HZ
 from nwbflow.ophys.signal import dff_from_fluorescence, fill_gaps, noise_level
 from nwbflow.ophys.weights import load_cnn
-from nwbflow.params import CalciumParams
+from nwbflow.params import DEFAULT_CHUNKS, CalciumParams
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +37,14 @@ class SpikeRateResult:
     noise_level: np.ndarray
 
 
-def _cnn(dff: np.ndarray, rate_hz: float, params: CalciumParams, device: torch.device,
+def _cnn(dff: np.ndarray, rate_hz: float, params: CalciumParams, device: torch.device, batch_size: int,
          progress: Progress | None) -> tuple[np.ndarray, str, str]:
     loaded = load_cnn(params.model, device=device)
-    rates = infer_spike_rate(dff, rate_hz, loaded.model, device=device, batch_size=params.batch_size,
-                             progress=progress)
+    rates = infer_spike_rate(dff, rate_hz, loaded.model, device=device, batch_size=batch_size, progress=progress)
     return rates, loaded.name, loaded.sha256
 
 
-def _ar1(dff: np.ndarray, rate_hz: float, params: CalciumParams, device: torch.device,
+def _ar1(dff: np.ndarray, rate_hz: float, params: CalciumParams, device: torch.device, batch_size: int,
          progress: Progress | None) -> tuple[np.ndarray, str, str]:
     rates = np.empty_like(dff)
     for roi in range(dff.shape[1]):
@@ -56,13 +55,13 @@ def _ar1(dff: np.ndarray, rate_hz: float, params: CalciumParams, device: torch.d
     return rates, "", ""
 
 
-#: method name -> implementation ``(dff, rate_hz, params, device, progress) -> (rates Hz, model, sha256)``.
+#: method name -> implementation ``(dff, rate_hz, params, device, batch_size, progress) -> (rates Hz, model, sha256)``.
 METHODS = {"cnn": _cnn, "ar1": _ar1}
 
 
 def spike_rate(traces: np.ndarray, rate_hz: float, params: CalciumParams, *, is_dff: bool,
                neuropil: np.ndarray | None = None, device: torch.device | str = "cpu",
-               progress: Progress | None = None) -> SpikeRateResult:
+               batch_size: int = DEFAULT_CHUNKS.calcium_windows, progress: Progress | None = None) -> SpikeRateResult:
     """Spike rate (Hz) per frame and ROI.
 
     Parameters
@@ -72,6 +71,8 @@ def spike_rate(traces: np.ndarray, rate_hz: float, params: CalciumParams, *, is_
     params : method, model, baseline and neuropil settings.
     neuropil : (num_frames, num_rois) neuropil fluorescence, subtracted from raw fluorescence only.
     device : where the CNN runs (AR(1) runs on the CPU).
+    batch_size : CNN windows per forward pass (the execution policy's ``chunks.calcium_windows``); halved on
+        out-of-memory errors.
     progress : called with (done, total) work units.
     """
     if params.method not in METHODS:
@@ -87,6 +88,6 @@ def spike_rate(traces: np.ndarray, rate_hz: float, params: CalciumParams, *, is_
     low, high = TRAINED_RATE_RANGE_HZ
     if not low <= rate_hz <= 2 * high:
         log.warning("frame rate %.3g Hz is outside the %g-%g Hz the calcium model was trained on", rate_hz, low, high)
-    rates, model, sha = METHODS[params.method](dff, rate_hz, params, torch.device(device), progress)
+    rates, model, sha = METHODS[params.method](dff, rate_hz, params, torch.device(device), batch_size, progress)
     return SpikeRateResult(rate_hz=rates.astype(np.float32), model=model, model_sha256=sha,
                            noise_level=noise_level(dff, rate_hz))

@@ -58,17 +58,16 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load_cnn(name: str = DEFAULT_MODEL, directory: str | Path | None = None,
-             device: torch.device | str = "cpu") -> LoadedCnn:
-    """Load a trained network, verifying its weights' SHA-256 against its card.
+def model_checksum(name: str = DEFAULT_MODEL, directory: str | Path | None = None) -> str:
+    """The verified SHA-256 of a network's weights (what a result computed with it depends on).
 
-    Raises
-    ------
-    BadInputError
-        No network of that name.
-    WeightsChecksumError
-        The weights file's SHA-256 differs from the card's (corrupt or replaced file).
+    Raises as :func:`load_cnn`.
     """
+    return _verified(name, directory)[2]
+
+
+def _verified(name: str, directory: str | Path | None) -> tuple[dict, bytes, str]:
+    """(card, weights bytes, their SHA-256), checked against each other."""
     folder = Path(directory) if directory is not None else shipped_directory()
     card_path, weights_path = folder / f"{name}.json", folder / f"{name}.pt"
     if not (card_path.is_file() and weights_path.is_file()):
@@ -82,6 +81,21 @@ def load_cnn(name: str = DEFAULT_MODEL, directory: str | Path | None = None,
             f"{weights_path}: SHA-256 {actual} differs from {card['weights_sha256']} recorded in {card_path.name}; "
             "the weights file is corrupt or was replaced. Fix: reinstall nwbflow, or retrain with "
             "`nwbflow train-calcium` which writes both files together")
+    return card, data, actual
+
+
+def load_cnn(name: str = DEFAULT_MODEL, directory: str | Path | None = None,
+             device: torch.device | str = "cpu") -> LoadedCnn:
+    """Load a trained network, verifying its weights' SHA-256 against its card.
+
+    Raises
+    ------
+    BadInputError
+        No network of that name.
+    WeightsChecksumError
+        The weights file's SHA-256 differs from the card's (corrupt or replaced file).
+    """
+    card, data, actual = _verified(name, directory)
     spec = CnnSpec.from_dict(card["spec"])
     model = SpikeCnn(spec)
     model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from nwbflow.atomic import atomic_path
@@ -17,7 +17,7 @@ from nwbflow.synth.ophys import _add_ophys, simulate_ophys
 
 logger = logging.getLogger(__name__)
 
-_SESSION_START = datetime(2024, 1, 15, 10, 0, 0, tzinfo=timezone.utc)
+_SESSION_START = datetime(2024, 1, 15, 10, 0, 0, tzinfo=UTC)
 
 
 def _new_nwbfile(config: SynthConfig):

@@ -2,10 +2,11 @@
 
 Each write goes to its own uniquely named temporary (``nwbflow.atomic``), so
 two writers of one path (two runs of one stage) cannot mix their bytes: each
-renames a whole file into place and the last one wins. Stage directories are
-also locked by the flow (``nwbflow.locks.directory_lock``), because the
-streamed binaries (``preprocessed.bin``, ``corrected.bin``) use a fixed
-``.partial`` name.
+renames a whole file into place and the last one wins (the streamed binaries,
+``preprocessed.bin`` and ``corrected.bin``, are written the same way by
+``nwbflow.ephys.chunk_stream``). Stage directories are also locked by the
+stage runner (``nwbflow.tasks.runner.run_stage``), so one stage's artifacts
+are never computed twice at once.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ def save_json(path: Path, payload: dict) -> Path:
 
 
 def save_npy(path: Path, array: np.ndarray) -> Path:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array)
     return path

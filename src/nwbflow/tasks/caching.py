@@ -1,12 +1,14 @@
 """Cache keys of stage runs and where their artifacts live, so a re-run resumes.
 
 A stage's key hashes the input's identity (path, size, mtime and the content
-hash of the series read), the stage's resolved parameters, the nwbflow version
-and the keys of the stages it reads from: never a run id. Prefect persists each
-task's small result under that key; the artifacts sit in a directory named by
-the key, with a ``done.json`` marker written last. The flow refreshes a cached
-stage whose marker is gone (artifacts deleted), so a cache hit never points at
-missing or other-parameter files.
+hash of the series read), the stage's resolved parameters (with the part of the
+execution policy that changes results), the nwbflow version and the keys of the
+stages it reads from: never a run id. It is computed once per stage run
+(``runner.StageSpec.build``). Prefect persists each task's small result under
+that key; the artifacts sit in a directory named by the key, with a
+``done.json`` marker written last. The runner refreshes a cached stage whose
+marker is gone (artifacts deleted), so a cache hit never points at missing or
+other-parameter files.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ DONE_MARKER = "done.json"
 HASH_MEMO = "content-hashes-v2.json"
 
 
-def stage_key(stage: str, input_identity: str, parameters_json: str, upstream: tuple[str, ...] = ()) -> str:
+def stage_key(stage: str, identity: dict, parameters: dict, upstream: tuple[str, ...] = ()) -> str:
     """Hex key of one stage run's result (32 hex digits)."""
-    payload = json.dumps({"stage": stage, "input": input_identity, "parameters": json.loads(parameters_json),
+    payload = json.dumps({"stage": stage, "input": identity, "parameters": parameters,
                           "nwbflow": __version__, "upstream": list(upstream)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 

@@ -17,10 +17,10 @@ from nwbflow.dandi_prep.assets import prepare_asset
 from nwbflow.dandi_prep.model import AssetPlan, AssetResult, Inspection
 from nwbflow.dandi_prep.plan import inspect_source
 from nwbflow.dandi_prep.report import table_rows, to_markdown
-from nwbflow.tasks.policy import STAGE_TASK_OPTIONS
+from nwbflow.tasks.retries import RETRY_OPTIONS
 from nwbflow.tasks.report import artifact_key
 
-_OPTIONS = {**STAGE_TASK_OPTIONS, "cache_policy": NO_CACHE}
+_OPTIONS = {**RETRY_OPTIONS, "cache_policy": NO_CACHE}
 
 
 @task(name="dandi-inspect", task_run_name="inspect {path}", **_OPTIONS)

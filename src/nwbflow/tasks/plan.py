@@ -1,43 +1,87 @@
-"""Decide what one run does: which stages apply, on which series, in which work directory."""
+"""Decide what one run does: which stages apply, on which series, in which work directory, on which device.
+
+The plan is made once per run, from one opening of the input: the stages, the series (content-hashed:
+the one full read before processing, which also checks every value), the work directory, the
+device (resolved once), the calcium network's checksum. :meth:`SessionPlan.spec` turns it into each
+stage's :class:`~nwbflow.tasks.runner.StageSpec` (its cache key computed there, once).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from nwbflow.device import resolve_device
 from nwbflow.ephys.filtering import design_bandpass, filter_margin_samples
+from nwbflow.ephys.sorting.registry import SORTERS
 from nwbflow.errors import BadInputError
 from nwbflow.nwb_io.layout import OPHYS_RESULTS
 from nwbflow.nwb_io.read import open_session
+from nwbflow.ophys.weights import model_checksum
 from nwbflow.params import STAGE_ORDER, SessionParams
 from nwbflow.tasks.caching import file_identity, memoized_content_hash
 from nwbflow.tasks.provenance import SeriesInput
+from nwbflow.tasks.runner import StageOutcome, StageSpec
 
 log = logging.getLogger(__name__)
 
 #: Every stage, with the data it needs ("ephys" or "ophys").
 BUILT_STAGES: dict[str, str] = {"preprocess": "ephys", "peaks": "ephys", "motion": "ephys", "sorting": "ephys",
                                  "calcium": "ophys"}
-#: Stages a stage cannot run without (their artifacts feed it).
-STAGE_NEEDS: dict[str, tuple[str, ...]] = {"peaks": ("preprocess",), "motion": ("peaks", "preprocess"),
-                                           "sorting": ("motion", "peaks", "preprocess")}
+#: Stages whose artifacts a stage reads (sorting: ours; a SpikeInterface sorter reads the raw series).
+STAGE_NEEDS: dict[str, tuple[str, ...]] = {"peaks": ("preprocess",), "motion": ("preprocess", "peaks"),
+                                           "sorting": ("preprocess", "motion")}
+
+
+def stage_needs(stage: str, params: SessionParams) -> tuple[str, ...]:
+    """The stages ``stage`` reads the artifacts of, with these parameters."""
+    if stage == "sorting" and SORTERS[params.sorting.sorter].reads == "raw":
+        return ()
+    return STAGE_NEEDS.get(stage, ())
 
 
 @dataclass(frozen=True)
 class SessionPlan:
-    """What a run of ``process_session`` will do; small, travels between tasks."""
+    """What a run of ``process_session`` will do; small.
+
+    ``file_identity``: the input's path, size and mtime; ``ephys``: the ElectricalSeries the ephys
+    stages read, ``ophys`` and ``neuropil``: the RoiResponseSeries the calcium stage reads (each None
+    when not used), with their content hashes; ``device``: the resolved device; ``calcium_model_sha256``:
+    the checksum of the network the calcium stage runs ("" when none).
+    """
 
     nwb_path: str
     stages: tuple[str, ...]
     workdir: str
-    input_identity: str
+    file_identity: dict
+    device: str
     ephys: SeriesInput | None = None
-    #: The RoiResponseSeries the calcium stage reads (None when it does not run).
     ophys: SeriesInput | None = None
+    neuropil: SeriesInput | None = None
+    calcium_model_sha256: str = ""
+
+    def spec(self, stage: str, params: SessionParams, done: dict[str, StageOutcome]) -> StageSpec:
+        """The spec of ``stage`` (its key computed here, once), after the stages in ``done``."""
+        if BUILT_STAGES[stage] == "ophys":
+            inputs = (self.ophys,) + ((self.neuropil,) if self.neuropil is not None else ())
+        else:
+            inputs = (self.ephys,)
+        return StageSpec.build(stage, workdir=self.workdir, nwb_path=self.nwb_path, file_identity=self.file_identity,
+                               series=inputs[0].object, parameters=self._parameters(stage, params),
+                               policy=params.execution, device=self.device, inputs=inputs,
+                               upstream=tuple(done[s].key for s in stage_needs(stage, params) if s in done))
+
+    def _parameters(self, stage: str, params: SessionParams) -> dict:
+        """The resolved parameters that decide ``stage``'s result."""
+        own = getattr(params, stage).model_dump(mode="json")
+        if stage == "calcium":
+            own["model_sha256"] = self.calcium_model_sha256
+        if stage == "sorting" and not stage_needs(stage, params):  # waveforms read through our preprocessing
+            own["waveform_preprocess"] = params.preprocess.model_dump(mode="json")
+        return own
 
 
 def check_input(nwb_path: str | Path, params: SessionParams) -> tuple[tuple[str, ...], str | None]:
@@ -66,7 +110,7 @@ def _roi_series(session, stages: tuple[str, ...], params: SessionParams) -> str 
 def _stages_and_series(session, nwb_path: Path, params: SessionParams, *,
                        warn: bool = True) -> tuple[tuple[str, ...], str | None]:
     content = {"ephys": bool(session.ephys_paths()), "ophys": bool(session.roi_paths())}
-    stages = _resolve_stages(params.stages, content, nwb_path)
+    stages = _resolve_stages(params.stages, content, nwb_path, params)
     series_path = None
     if any(BUILT_STAGES[s] == "ephys" for s in stages):
         series = session.select_ephys(params.electrical_series)
@@ -85,7 +129,7 @@ def _fit_to_probe(stages: tuple[str, ...], series, params: SessionParams, *, war
     or refused when ``params.stages`` names it.
     """
     where = {"path": series.file_path, "obj": series.object_path}
-    if "preprocess" in stages:
+    if {"preprocess", "sorting"} & set(stages):  # both filter (sorting: a SpikeInterface sorter's waveforms)
         _check_band(series.sampling_rate_hz, params, where)
         if params.preprocess.common_reference and series.num_channels < 2:
             raise BadInputError("has one channel: the common reference (median across channels) would zero it",
@@ -113,7 +157,7 @@ def _check_band(rate_hz: float, params: SessionParams, where: dict) -> None:
 
 
 def plan_session(nwb_path: str | Path, params: SessionParams, workdir_root: str | Path) -> SessionPlan:
-    """Pick stages and series, hash the series, derive the work directory.
+    """Pick stages and series, hash the series, derive the work directory, resolve the device.
 
     The work directory is keyed by the input's identity (content hash of the
     series read), so a re-run on the same data finds its artifacts. Hashing
@@ -121,6 +165,7 @@ def plan_session(nwb_path: str | Path, params: SessionParams, workdir_root: str 
     conversion out of range: BadInputError before any stage runs); a hash
     memoized for an unchanged file skips that read and those checks.
     """
+    device = str(resolve_device(params.execution.device))
     nwb_path, workdir_root = Path(nwb_path).resolve(), Path(workdir_root)
     workdir_root.mkdir(parents=True, exist_ok=True)
     with open_session(nwb_path) as session:
@@ -130,29 +175,38 @@ def plan_session(nwb_path: str | Path, params: SessionParams, workdir_root: str 
             series = session.select_ephys(series_path)
             sha = memoized_content_hash(workdir_root, nwb_path, series_path, series.content_hash)
             ephys = SeriesInput(file=str(nwb_path), object=series_path, sha256=sha)
-        ophys = _ophys_input(session, workdir_root, nwb_path, stages, params)
+        ophys, neuropil = _ophys_inputs(session, workdir_root, nwb_path, stages, params)
     size, mtime_ns = file_identity(nwb_path)
-    identity = json.dumps({"path": str(nwb_path), "size": size, "mtime_ns": mtime_ns,
-                           "object": ephys.object if ephys else "", "sha256": ephys.sha256 if ephys else ""})
     key = (ephys.sha256 if ephys else ophys.sha256 if ophys else "").split(":")[-1][:16] or "nodata"
     workdir = workdir_root / f"{nwb_path.stem}-{key}"
     workdir.mkdir(parents=True, exist_ok=True)
     log.info("stages %s on %s; work directory %s", ",".join(stages), nwb_path, workdir)
-    return SessionPlan(nwb_path=str(nwb_path), stages=stages, workdir=str(workdir), input_identity=identity,
-                       ephys=ephys, ophys=ophys)
+    calcium = params.calcium
+    sha = model_checksum(calcium.model) if "calcium" in stages and calcium.method == "cnn" else ""
+    return SessionPlan(nwb_path=str(nwb_path), stages=stages, workdir=str(workdir),
+                       file_identity={"path": str(nwb_path), "size": size, "mtime_ns": mtime_ns}, device=device,
+                       ephys=ephys, ophys=ophys, neuropil=neuropil, calcium_model_sha256=sha)
 
 
-def _ophys_input(session, workdir_root: Path, nwb_path: Path, stages: tuple[str, ...],
-                 params: SessionParams) -> SeriesInput | None:
-    """The calcium stage's input series with its (memoized) content hash; None when it does not run."""
+def _ophys_inputs(session, workdir_root: Path, nwb_path: Path, stages: tuple[str, ...],
+                  params: SessionParams) -> tuple[SeriesInput | None, SeriesInput | None]:
+    """The calcium stage's series and neuropil series (None when not used), with (memoized) content hashes."""
     roi_path = _roi_series(session, stages, params)
     if roi_path is None:
-        return None
-    sha = memoized_content_hash(workdir_root, nwb_path, roi_path, lambda: session.roi_content_hash(roi_path))
-    return SeriesInput(file=str(nwb_path), object=roi_path, sha256=sha)
+        return None, None
+    inputs = []
+    for path in (roi_path, params.calcium.neuropil_series):
+        if path is None:
+            inputs.append(None)
+            continue
+        path = path.strip("/")
+        sha = memoized_content_hash(workdir_root, nwb_path, path, lambda p=path: session.roi_content_hash(p))
+        inputs.append(SeriesInput(file=str(nwb_path), object=path, sha256=sha))
+    return inputs[0], inputs[1]
 
 
-def _resolve_stages(requested: tuple[str, ...] | None, content: dict[str, bool], path: Path) -> tuple[str, ...]:
+def _resolve_stages(requested: tuple[str, ...] | None, content: dict[str, bool], path: Path,
+                    params: SessionParams) -> tuple[str, ...]:
     if requested is None:
         stages = {s for s, needs in BUILT_STAGES.items() if content[needs]}
         if not stages:
@@ -167,6 +221,10 @@ def _resolve_stages(requested: tuple[str, ...] | None, content: dict[str, bool],
             raise BadInputError(f"stage(s) {', '.join(missing)} need data the file does not hold",
                                 path=path, fix="drop those stages or give a file with that data")
         stages = set(requested)
-        for stage in requested:
-            stages.update(STAGE_NEEDS.get(stage, ()))
+        pending = list(requested)
+        while pending:
+            for need in stage_needs(pending.pop(), params):
+                if need not in stages:
+                    stages.add(need)
+                    pending.append(need)
     return tuple(s for s in STAGE_ORDER if s in stages)

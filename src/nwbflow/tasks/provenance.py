@@ -6,7 +6,7 @@ import functools
 import socket
 import subprocess
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect.runtime import flow_run, task_run
@@ -16,7 +16,7 @@ from nwbflow.nwb_io.provenance import ProvenanceRecord
 
 def utc_now() -> str:
     """The current time as ISO 8601 UTC, e.g. ``2026-11-21T02:30:00.123456+00:00``."""
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 @functools.cache

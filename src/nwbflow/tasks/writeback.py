@@ -8,13 +8,13 @@ from pathlib import Path
 
 from prefect import task
 
+from nwbflow.ephys.sorting.units import METRIC_DESCRIPTIONS
 from nwbflow.nwb_io import layout
-from nwbflow.ephys.sorting.metrics import METRIC_DESCRIPTIONS
 from nwbflow.nwb_io.write import (CalciumForNwb, MotionForNwb, PeaksForNwb, SessionResults, UnitsForNwb,
                                   write_processed)
 from nwbflow.params import SessionParams
-from nwbflow.tasks.outcome import StageOutcome
 from nwbflow.tasks.plan import SessionPlan
+from nwbflow.tasks.runner import StageOutcome
 
 
 @task(name="write-back")

@@ -10,16 +10,18 @@ contacts around it (:mod:`nwbflow.ephys.motion.interpolation`)::
 
     corrected[t, j] = sum_i W_k[j, i] * traces[t, i]
 
-This is SpikeInterface's ``InterpolateMotionRecording`` with
-``border_mode="force_zeros"``, one (C, C) weight matrix per time bin, applied
-chunk by chunk as a matrix product on the device.
+This is SpikeInterface's ``InterpolateMotionRecording``, one (C, C) weight
+matrix per time bin, applied chunk by chunk as a matrix product on the device.
 
 Borders: the channel set is kept (the sorter needs a fixed one). A channel
-whose target leaves the probe's extent (or has no contact within
-``correction_radius_um``) has no data: it reads 0 during that bin.
+whose target leaves the probe's extent is read at the nearest point of the
+extent (``MotionParams.border="clamp"``, the default: every channel keeps its
+noise level), or has no data and reads 0 during that bin (``"zeros"``,
+SpikeInterface's ``border_mode="force_zeros"``; so does a target with no
+contact within ``correction_radius_um``).
 ``MotionCorrectionResult.outside_fraction`` says how often a target left the
-probe. Estimate noise levels on the uncorrected traces: a channel that is 0
-for part of the recording has a smaller MAD there.
+probe. With ``"zeros"``, estimate noise levels on the uncorrected traces: a
+channel that is 0 for part of the recording has a smaller MAD there.
 
 Differences from SpikeInterface 0.105 besides the interpolation's
 (:mod:`~nwbflow.ephys.motion.interpolation`): by default it evaluates the
@@ -35,6 +37,8 @@ Examples
 >>> up_20_um = Motion(np.array([0.5]), np.array([0.0]), np.array([[20.0]], dtype=np.float32))
 >>> source = ArraySource(np.array([[1.0, 2.0, 3.0]], dtype=np.float32), sampling_rate_hz=1000.0)
 >>> MotionCorrectedSource(source, positions, up_20_um, MotionParams()).get_traces(0, 1).tolist()
+[[2.0, 3.0, 3.0]]
+>>> MotionCorrectedSource(source, positions, up_20_um, MotionParams(border="zeros")).get_traces(0, 1).tolist()
 [[2.0, 3.0, 0.0]]
 """
 
@@ -57,7 +61,7 @@ from nwbflow.ephys.motion.displacement import Motion
 from nwbflow.ephys.motion.interpolation import SpatialInterpolator
 from nwbflow.ephys.preprocess import CPU_WINDOW_BYTES
 from nwbflow.errors import BadInputError
-from nwbflow.params import MotionParams
+from nwbflow.params import DEFAULT_CHUNKS, MotionParams
 
 __all__ = ["MotionCorrectedSource", "MotionCorrectionResult", "MotionInterpolationKernel", "correct_motion_to_binary"]
 
@@ -85,19 +89,18 @@ class MotionInterpolationKernel:
         or every sample's time (increasing; any sliceable 1-D array, e.g. NWB
         timestamps as an h5py dataset: only each chunk's slice is read).
     sampling_rate_hz : float
-    whitening : (C, C) float or None
-        ``W`` of whitened input traces (``PreprocessResult.whitening``): the
-        interpolation then runs on the unwhitened scale, ``W K W^-1`` per bin.
-        Whitening sharpens a unit's footprint below the contact pitch, and
-        interpolating sharpened footprints leaves part of the drift in (a
-        correlation of depth with drift up to 0.47 was measured on the
-        ground-truth test; none on the unwhitened scale).
+    whitening : ((C, C), (C, C)) float or None
+        ``(W, W^-1)`` of whitened input traces (``PreprocessedRecording.whitening`` and
+        ``whitening_inverse``): the interpolation then runs on the unwhitened scale,
+        ``W K W^-1`` per bin. Whitening sharpens a unit's footprint below the contact pitch, and
+        interpolating sharpened footprints leaves part of the drift in (a correlation of depth
+        with drift up to 0.47 was measured on the ground-truth test; none on the unwhitened scale).
     """
 
     margin = 0
 
     def __init__(self, interpolator: SpatialInterpolator, motion: Motion, sample_times_s: float | np.ndarray,
-                 sampling_rate_hz: float, whitening: np.ndarray | None = None):
+                 sampling_rate_hz: float, whitening: tuple[np.ndarray, np.ndarray] | None = None):
         if motion.direction not in ("x", "y"):
             raise BadInputError(f"motion along {motion.direction!r} cannot move 2-D channel positions",
                                 fix="use a motion along 'y' (or 'x')")
@@ -106,8 +109,7 @@ class MotionInterpolationKernel:
         self.sample_times_s, self.sampling_rate_hz = sample_times_s, float(sampling_rate_hz)
         self._midpoints_s = 0.5 * (motion.time_bins_s[1:] + motion.time_bins_s[:-1])
         self._whitening = None if whitening is None else tuple(
-            torch.as_tensor(m, dtype=torch.float64, device=self.device)
-            for m in (np.asarray(whitening, np.float64), np.linalg.inv(np.asarray(whitening, np.float64))))
+            torch.as_tensor(np.asarray(m, np.float64), dtype=torch.float64, device=self.device) for m in whitening)
         self._weights: dict[int, torch.Tensor] = {}
         self._buffers: dict[str, torch.Tensor] = {}
 
@@ -214,8 +216,8 @@ class MotionCorrectionResult:
 
 
 def _build_kernel(source: TraceSource, channel_positions_um: np.ndarray, motion: Motion, params: MotionParams,
-                  sample_times_s: float | np.ndarray, device: torch.device | str,
-                  whitening: np.ndarray | None) -> MotionInterpolationKernel:
+                  sample_times_s: float | np.ndarray, device: torch.device | str, whitening: np.ndarray | None,
+                  whitening_inverse: np.ndarray | None) -> MotionInterpolationKernel:
     """Check the inputs against the source and build the kernel."""
     if source.num_samples < 1 or source.num_channels < 1 or source.sampling_rate_hz <= 0:
         raise BadInputError(f"recording is empty or has no rate ({source.num_samples} samples x "
@@ -224,37 +226,43 @@ def _build_kernel(source: TraceSource, channel_positions_um: np.ndarray, motion:
     if positions.shape != (source.num_channels, 2) or not np.all(np.isfinite(positions)):
         raise BadInputError(f"channel_positions_um must be finite ({source.num_channels}, 2) µm, "
                             f"got shape {positions.shape}")
-    if not np.isscalar(sample_times_s):  # any sliceable 1-D array: numpy, memmap, h5py dataset (read per chunk)
-        if tuple(np.shape(sample_times_s)) != (source.num_samples,):
-            raise BadInputError(f"sample_times_s holds {sample_times_s.shape} times for {source.num_samples} samples",
-                                fix="pass one time per sample, or the first sample's time (s)")
+    # Any sliceable 1-D array: numpy, memmap, h5py dataset (read per chunk).
+    if not np.isscalar(sample_times_s) and tuple(np.shape(sample_times_s)) != (source.num_samples,):
+        raise BadInputError(f"sample_times_s holds {sample_times_s.shape} times for {source.num_samples} samples",
+                            fix="pass one time per sample, or the first sample's time (s)")
     interpolator = SpatialInterpolator(positions, params.interpolation, sigma_um=params.kriging_sigma_um,
                                        p=params.kriging_p, radius_um=params.correction_radius_um,
                                        num_closest=params.idw_num_closest, border=params.border, device=device)
-    if whitening is not None and np.shape(whitening) != (source.num_channels, source.num_channels):
-        raise BadInputError(f"whitening must be ({source.num_channels}, {source.num_channels}), "
-                            f"got {np.shape(whitening)}")
-    return MotionInterpolationKernel(interpolator, motion, sample_times_s, source.sampling_rate_hz, whitening)
+    if (whitening is None) != (whitening_inverse is None):
+        raise BadInputError("whitening and whitening_inverse go together (PreprocessedRecording has both)",
+                            fix="pass both matrices, or neither for unwhitened traces")
+    square = (source.num_channels, source.num_channels)
+    if whitening is not None and (np.shape(whitening) != square or np.shape(whitening_inverse) != square):
+        raise BadInputError(f"whitening and its inverse must be {square}, got {np.shape(whitening)} and "
+                            f"{np.shape(whitening_inverse)}")
+    pair = None if whitening is None else (whitening, whitening_inverse)
+    return MotionInterpolationKernel(interpolator, motion, sample_times_s, source.sampling_rate_hz, pair)
 
 
 def correct_motion_to_binary(source: TraceSource, channel_positions_um: np.ndarray, motion: Motion,
                              params: MotionParams, out_path: str | Path, *, sample_times_s: float | np.ndarray = 0.0,
                              device: torch.device | str = "cpu", dtype: str = "float32",
                              progress: ProgressFn | None = None, chunk_samples: int | None = None,
-                             whitening: np.ndarray | None = None) -> MotionCorrectionResult:
+                             whitening: np.ndarray | None = None,
+                             whitening_inverse: np.ndarray | None = None) -> MotionCorrectionResult:
     """Stream a (preprocessed) recording through the motion interpolation into a raw binary.
 
     Parameters
     ----------
     source : TraceSource
-        Traces to correct, e.g. ``open_binary(PreprocessResult.out_path, ...)``.
+        Traces to correct, e.g. ``PreprocessedRecording.open()``.
     channel_positions_um : (num_channels, 2) float, µm
     motion : Motion
         Displacement on the same clock as ``sample_times_s``.
     params : MotionParams
         ``interpolation``, ``kriging_sigma_um``, ``kriging_p``, ``correction_radius_um``, ``idw_num_closest``.
     out_path : path
-        Written atomically (a ``.partial`` file renamed once complete and synced).
+        Written atomically (``nwbflow.atomic.atomic_path``: a hidden temporary renamed once complete and synced).
     sample_times_s : float or (num_samples,) float array, s
         First sample's time, or every sample's time (see :class:`MotionInterpolationKernel`).
     device : torch.device or str
@@ -265,11 +273,12 @@ def correct_motion_to_binary(source: TraceSource, channel_positions_um: np.ndarr
     progress : callable, optional
         (samples done, total samples) after each chunk; an exception it raises stops the stage, no file left.
     chunk_samples : int, optional
-        Samples per chunk; default one second (CPU: at most ~``CPU_WINDOW_BYTES`` of float32).
-        Halved on a device out-of-memory error (:class:`~nwbflow.device.OomBackoff`).
-    whitening : (C, C) float, optional
-        The whitening the source's traces carry; the interpolation is then done
-        on the unwhitened scale (:class:`MotionInterpolationKernel`).
+        Samples per chunk; default the execution policy's ``chunks.motion_correction_s`` (CPU: at
+        most ~``CPU_WINDOW_BYTES`` of float32). Halved on a device out-of-memory error
+        (:class:`~nwbflow.device.OomBackoff`).
+    whitening, whitening_inverse : (C, C) float, optional
+        The whitening the source's traces carry and its inverse (both or neither); the
+        interpolation is then done on the unwhitened scale (:class:`MotionInterpolationKernel`).
 
     Returns
     -------
@@ -281,11 +290,12 @@ def correct_motion_to_binary(source: TraceSource, channel_positions_um: np.ndarr
         Empty recording, positions or sample times of the wrong shape, unknown method, NaN/Inf in the traces.
     """
     device = torch.device(device)
-    kernel = _build_kernel(source, channel_positions_um, motion, params, sample_times_s, device, whitening)
+    kernel = _build_kernel(source, channel_positions_um, motion, params, sample_times_s, device, whitening,
+                           whitening_inverse)
     if chunk_samples is None:
-        chunk_samples = max(int(round(source.sampling_rate_hz)), 1)
-        if device.type == "cpu":
-            chunk_samples = min(chunk_samples, max(CPU_WINDOW_BYTES // (4 * source.num_channels), 1))
+        chunk_samples = max(int(round(DEFAULT_CHUNKS.motion_correction_s * source.sampling_rate_hz)), 1)
+    if device.type == "cpu":
+        chunk_samples = min(chunk_samples, max(CPU_WINDOW_BYTES // (4 * source.num_channels), 1))
     backoff = OomBackoff(int(chunk_samples), device=device)
     streams = torch.get_num_threads() if device.type == "cpu" else 1
     started = time.perf_counter()
@@ -325,9 +335,10 @@ class MotionCorrectedSource:
 
     def __init__(self, source: TraceSource, channel_positions_um: np.ndarray, motion: Motion,
                  params: MotionParams, *, sample_times_s: float | np.ndarray = 0.0,
-                 device: torch.device | str = "cpu", whitening: np.ndarray | None = None):
+                 device: torch.device | str = "cpu", whitening: np.ndarray | None = None,
+                 whitening_inverse: np.ndarray | None = None):
         self._kernel = _build_kernel(source, channel_positions_um, motion, params, sample_times_s, device,
-                                     whitening)
+                                     whitening, whitening_inverse)
         self._source = source
         self.num_samples, self.num_channels = source.num_samples, source.num_channels
         self.sampling_rate_hz = source.sampling_rate_hz

@@ -1,4 +1,16 @@
-"""Footprint detection, which feeds clustering: generic matched filters summed over each channel's neighbourhood.
+"""The sorter's detection, in one place: noise levels, threshold detection, footprint detection.
+
+**Noise levels.** The sorter scales each channel by its robust noise level
+(:func:`sorter_noise_levels`: :func:`nwbflow.ephys.noise.robust_noise_levels`); detection thresholds
+below are in those units.
+
+**Threshold detection** samples waveforms: locally exclusive peaks of the noise-scaled traces
+beyond ``detect_threshold_mad`` in :data:`BASIS_SAMPLE_CHUNKS` sampled chunks (exclusion
+:data:`EXCLUSION_UM`, ± :data:`THRESHOLD_SWEEP_MS`: one spike per neighbourhood, sampled once at its
+largest channel) give the peak-channel waveforms that teach the temporal basis and the prototypes.
+
+**Footprint detection** feeds clustering: generic matched filters summed over each channel's
+neighbourhood.
 
 A small unit's spike may stay under a per-channel threshold on every channel, yet its energy
 summed over the samples and channels it spans stands well above the noise (the idea behind
@@ -16,7 +28,7 @@ at 5 SD. Each chunk of noise-scaled traces is
 
 and the best normalised score over prototypes and footprints at each (trough sample, centre
 channel) is detected like peaks: at least the threshold, the maximum of its neighbourhood
-(:data:`EXCLUSION_UM`, ± :data:`SWEEP_MS`; a matched-filter output is wider than the spike),
+(:data:`EXCLUSION_UM`, ± :data:`FOOTPRINT_SWEEP_MS`; a matched-filter output is wider than the spike),
 the first of ties.
 
 Summing over a footprint also lifts what a large spike leaves on channels far from it: the
@@ -30,34 +42,78 @@ coincident with a much larger spike), which only thins the clustering sample.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from nwbflow.ephys.chunks import sample_chunk_ranges
+from nwbflow.ephys.chunks import TraceSource, sample_chunk_ranges
 from nwbflow.ephys.filtering import correlate_valid
 from nwbflow.ephys.localize import neighbour_table
+from nwbflow.ephys.noise import MAD_TO_SD, robust_noise_levels
 from nwbflow.ephys.peaks import DetectionTables, first_of_ties, neighbourhood_maxima
 from nwbflow.ephys.sorting.clustering import kmeans
-from nwbflow.params import PeakParams
+from nwbflow.ephys.sorting.traces import NothingToSort, SampledChunks, ScaledSource, SnippetGeometry, gather_snippets
 
-if TYPE_CHECKING:
-    from nwbflow.ephys.sorting.features import ScaledSource
-
+#: Exclusion radius (µm) of both detections: a spike is detected once per neighbourhood.
+EXCLUSION_UM = 50.0
+#: Half-sweeps (ms) of threshold detection (~ a trough's width) and of footprint detection (a
+#: matched-filter output is wider than the spike).
+THRESHOLD_SWEEP_MS, FOOTPRINT_SWEEP_MS = 0.3, 1.0
+#: Chunks sampled to learn the temporal basis and the detection prototypes.
+BASIS_SAMPLE_CHUNKS = 30
+#: Chunks sampled once per sort to measure score noise (footprint scores here, template outputs in matching).
+NOISE_SAMPLE_CHUNKS = 5
 #: k-means centres tried as prototype waveforms (those whose trough is not at ``before`` are left out).
 NUM_PROTOTYPES = 2
 #: Footprint widths (Gaussian SD, µm) and the distance footprints are cut at (in SDs of the widest).
 FOOTPRINT_SIGMAS_UM = (15.0, 30.0)
 FOOTPRINT_CUTOFF_SIGMAS = 2.5
-#: Exclusion radius (µm) and half-sweep (ms) of the detection on the scores.
-EXCLUSION_UM, SWEEP_MS = 50.0, 1.0
 #: A detection is dropped when a score this many times its own lies within ± ``before`` samples.
 ECHO_RATIO = 4.0
-#: Chunks sampled to measure the scores' noise, and the time step (samples) of the scores kept.
-NOISE_SAMPLE_CHUNKS, NOISE_SAMPLE_STEP = 5, 7
-#: Median absolute deviation of a standard normal.
-MAD_PER_SD = 0.6745
+#: Time step (samples) of the scores kept to measure their noise.
+NOISE_SAMPLE_STEP = 7
+
+
+def sorter_noise_levels(source: TraceSource, seed: int) -> np.ndarray:
+    """(C,) the noise level each channel is divided by (source units): :func:`robust_noise_levels`.
+    Raises NothingToSort when every channel is constant."""
+    noise = robust_noise_levels(source, seed)
+    if not np.isfinite(noise).any():
+        raise NothingToSort("every channel of the recording is constant")
+    return noise
+
+
+def threshold_tables(channel_positions_um: np.ndarray, sampling_rate_hz: float, threshold: float,
+                     device: torch.device) -> DetectionTables:
+    """Threshold detection on noise-scaled traces (noise 1 on every channel), negative peaks."""
+    return DetectionTables.build(channel_positions_um, sampling_rate_hz, threshold=threshold, peak_sign="neg",
+                                 exclusion_radius_um=EXCLUSION_UM, sweep_ms=THRESHOLD_SWEEP_MS,
+                                 noise_levels=np.ones(len(channel_positions_um)), device=device)
+
+
+def detect_in_window(traces: torch.Tensor, tables: DetectionTables,
+                     core: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Peaks (rows, channels) of ``traces`` whose row is in ``core`` = [lo, hi) rows of the window.
+
+    ``core`` must leave a snippet's room on both sides for the snippets.
+    """
+    samples, channels = neighbourhood_maxima(traces, tables)
+    first = first_of_ties(samples, channels, traces.shape[0], tables)
+    keep = first & (samples >= core[0]) & (samples < core[1])
+    return samples[keep], channels[keep]
+
+
+def sample_waveforms(scaled: ScaledSource, tables: DetectionTables, geometry: SnippetGeometry,
+                     chunk_samples: int, seed: int) -> torch.Tensor:
+    """(n, T) peak-channel waveforms of the spikes detected in :data:`BASIS_SAMPLE_CHUNKS` sampled chunks."""
+    source = scaled.source
+    margin = geometry.width
+    waveforms = [torch.zeros((0, geometry.width), device=scaled.device)]
+    for start, end in sample_chunk_ranges(source.num_samples, chunk_samples, BASIS_SAMPLE_CHUNKS, seed):
+        traces, _ = scaled.window(int(start), int(end), margin)
+        rows, channels = detect_in_window(traces, tables, (margin, margin + int(end - start)))
+        waveforms.append(gather_snippets(traces, rows, channels[:, None], geometry)[:, :, 0])
+    return torch.cat(waveforms)
 
 
 def waveform_prototypes(waveforms: torch.Tensor, before: int, seed: int) -> torch.Tensor:
@@ -98,9 +154,9 @@ class FootprintDetector:
             weights = np.exp(-0.5 * (distance / sigma) ** 2) * valid
             np.add.at(footprints[index], (np.arange(num_channels)[:, None], neighbours), weights)
         footprints /= np.linalg.norm(footprints, axis=2, keepdims=True)
-        peak_params = PeakParams(threshold_mad=threshold, peak_sign="neg", exclusion_radius_um=EXCLUSION_UM,
-                                 sweep_ms=SWEEP_MS)
-        tables = DetectionTables.build(positions, sampling_rate_hz, peak_params, np.ones(num_channels), device)
+        tables = DetectionTables.build(positions, sampling_rate_hz, threshold=threshold, peak_sign="neg",
+                                       exclusion_radius_um=EXCLUSION_UM, sweep_ms=FOOTPRINT_SWEEP_MS,
+                                       noise_levels=np.ones(num_channels), device=device)
         return cls(prototypes, torch.as_tensor(footprints.reshape(-1, num_channels), dtype=torch.float32,
                                                device=device),
                    torch.ones((len(prototypes), len(FOOTPRINT_SIGMAS_UM)), device=device), before, tables)
@@ -115,17 +171,16 @@ class FootprintDetector:
         return torch.stack([(self.footprints @ one).view(len(FOOTPRINT_SIGMAS_UM), -1, length).transpose(1, 2)
                             for one in filtered])
 
-    def measured(self, scaled: ScaledSource, chunk_samples: int, seed: int) -> FootprintDetector:
-        """The same detector with each score's noise SD (MAD / 0.6745) measured on sampled chunks of
-        ``scaled``; unchanged when no chunk is as long as a prototype."""
+    def measured(self, noise_chunks: SampledChunks) -> FootprintDetector:
+        """The same detector with each score's noise SD (MAD / ``MAD_TO_SD``) measured on the sampled
+        chunks (:data:`NOISE_SAMPLE_CHUNKS`); unchanged when no chunk is as long as a prototype."""
         parts = []
-        for start, end in sample_chunk_ranges(scaled.source.num_samples, chunk_samples, NOISE_SAMPLE_CHUNKS, seed):
-            traces, _ = scaled.window(int(start), int(end), 0)
+        for traces in noise_chunks.scaled():
             if traces.shape[0] >= self.prototypes.shape[1]:
                 parts.append(self.raw_scores(traces)[:, :, ::NOISE_SAMPLE_STEP].flatten(2))
         if not parts:
             return self
-        noise = torch.cat(parts, dim=2).abs().median(dim=2).values / MAD_PER_SD
+        noise = torch.cat(parts, dim=2).abs().median(dim=2).values / MAD_TO_SD
         return FootprintDetector(self.prototypes, self.footprints, noise.clamp(min=1e-6), self.before, self.tables)
 
     def detect(self, traces: torch.Tensor, core: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,9 @@
-"""Spike snippets on channel neighbourhoods, the SVD temporal basis, and the clustering subset.
+"""The SVD temporal basis and the clustering subset: detected spikes as features.
 
-A snippet is the ``(T, K)`` block of traces around a spike's trough: ``T = before + 1 + after``
-samples on the ``K`` channels of its peak channel's neighbourhood (padding channels are zero).
 Kilosort's compression is kept: every channel's waveform is projected on one shared temporal
 basis of rank ``R`` (the leading right singular vectors of peak-channel waveforms), so a spike
-becomes ``R x K`` features and a template ``B @ U.T`` with ``B`` (T, R) and ``U`` (C, R).
+becomes ``R x K`` features on its peak channel's neighbourhood and a template ``B @ U.T`` with
+``B`` (T, R) and ``U`` (C, R).
 
 The subset fed to clustering is drawn from the whole recording in one streaming pass: each
 detected spike gets a random key and, per peak channel, the ``max_spikes_per_channel`` spikes
@@ -21,122 +20,13 @@ import numpy as np
 import torch
 
 from nwbflow.device import OomBackoff
-from nwbflow.ephys.chunks import ProgressFn, TraceSource, chunk_ranges, read_window, sample_chunk_ranges
-from nwbflow.ephys.localize import neighbour_table
-from nwbflow.ephys.peaks import DetectionTables, chunk_noise_mads, first_of_ties, neighbourhood_maxima
-from nwbflow.ephys.sorting.detection import FootprintDetector
-from nwbflow.errors import BadInputError
-from nwbflow.params import PeakParams, SortingParams
+from nwbflow.ephys.chunks import ProgressFn, chunk_ranges
+from nwbflow.ephys.sorting.detection import BASIS_SAMPLE_CHUNKS, FootprintDetector
+from nwbflow.ephys.sorting.traces import (Neighbourhoods, NothingToSort, ScaledSource, SnippetGeometry,
+                                          gather_snippets)
+from nwbflow.params import SortingParams
 
 log = logging.getLogger(__name__)
-
-#: Exclusion radius (µm) and sweep (ms) of the per-channel detection that samples waveforms: one
-#: spike per neighbourhood and ~0.3 ms, so a spike is sampled once, at its largest channel.
-DETECTION_EXCLUSION_UM = 50.0
-DETECTION_SWEEP_MS = 0.3
-#: Chunks sampled to learn the temporal basis and the detection prototypes.
-BASIS_SAMPLE_CHUNKS = 30
-
-
-class NothingToSort(Exception):
-    """The recording holds no spiking activity the sorter can learn from (not an error: no units)."""
-
-
-@dataclass(frozen=True)
-class SnippetGeometry:
-    """Samples of a snippet around its trough: ``before`` + 1 + ``after``."""
-
-    before: int
-    after: int
-
-    @property
-    def width(self) -> int:
-        return self.before + 1 + self.after
-
-    @classmethod
-    def of(cls, params: SortingParams, sampling_rate_hz: float) -> SnippetGeometry:
-        return cls(max(int(round(params.ms_before * sampling_rate_hz / 1000.0)), 1),
-                   max(int(round(params.ms_after * sampling_rate_hz / 1000.0)), 1))
-
-
-@dataclass(frozen=True)
-class Neighbourhoods:
-    """Per channel, the channels within a radius (padded; ``valid`` False on padding)."""
-
-    channels: torch.Tensor  # (C, K) int64
-    valid: torch.Tensor     # (C, K) bool
-
-    @classmethod
-    def build(cls, channel_positions_um: np.ndarray, radius_um: float, device: torch.device) -> Neighbourhoods:
-        channels, valid = neighbour_table(channel_positions_um, radius_um)
-        return cls(torch.as_tensor(channels, device=device), torch.as_tensor(valid, device=device))
-
-
-def gather_snippets(traces: torch.Tensor, samples: torch.Tensor, channels: torch.Tensor,
-                    geometry: SnippetGeometry) -> torch.Tensor:
-    """Snippets of ``traces`` (S, C) at ``samples`` (n,) on ``channels`` (n, K) -> (n, T, K).
-
-    Every ``samples[i] - before`` .. ``samples[i] + after`` must lie inside ``traces``.
-    """
-    offsets = torch.arange(-geometry.before, geometry.after + 1, device=traces.device)
-    rows = samples[:, None, None] + offsets[None, :, None]
-    return traces[rows, channels[:, None, :]]
-
-
-def detection_tables(channel_positions_um: np.ndarray, sampling_rate_hz: float, params: SortingParams,
-                     device: torch.device) -> DetectionTables:
-    """Threshold detection on noise-scaled traces (noise 1 on every channel)."""
-    peak_params = PeakParams(threshold_mad=params.detect_threshold_mad, peak_sign="neg",
-                             exclusion_radius_um=DETECTION_EXCLUSION_UM, sweep_ms=DETECTION_SWEEP_MS)
-    return DetectionTables.build(channel_positions_um, sampling_rate_hz, peak_params,
-                                 np.ones(len(channel_positions_um)), device)
-
-
-def detect_in_window(traces: torch.Tensor, tables: DetectionTables, geometry: SnippetGeometry,
-                     core: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Peaks (rows, channels) of ``traces`` whose row is in ``core`` = [lo, hi) rows of the window.
-
-    ``core`` must leave ``geometry`` room on both sides for the snippets.
-    """
-    samples, channels = neighbourhood_maxima(traces, tables)
-    first = first_of_ties(samples, channels, traces.shape[0], tables)
-    keep = first & (samples >= core[0]) & (samples < core[1])
-    return samples[keep], channels[keep]
-
-
-class ScaledSource:
-    """Windows of a :class:`TraceSource` divided by each channel's noise level (noise 1 everywhere)."""
-
-    def __init__(self, source: TraceSource, noise_levels: np.ndarray, device: torch.device):
-        noise = np.asarray(noise_levels, dtype=np.float64)
-        if noise.shape != (source.num_channels,) or not np.all(np.isfinite(noise) & (noise > 0)):
-            raise BadInputError(f"noise levels must be {source.num_channels} positive finite values, "
-                                f"got shape {noise.shape}")
-        self.source, self.device = source, device
-        self.scale = torch.as_tensor(1.0 / noise, dtype=torch.float32, device=device)
-
-    def window(self, start: int, end: int, margin: int) -> tuple[torch.Tensor, int]:
-        """Rows ``[start - margin, end + margin)`` scaled, zero-padded beyond the recording;
-        returns (traces, index of the window's first row in the recording)."""
-        window = read_window(self.source, start, end, margin)
-        traces = torch.from_numpy(window.traces).to(self.device) * self.scale
-        pad_before, pad_after = margin - window.context_before, margin - window.context_after
-        if pad_before or pad_after:
-            traces = torch.nn.functional.pad(traces, (0, 0, pad_before, pad_after))
-        return traces, start - margin
-
-
-def sample_waveforms(scaled: ScaledSource, tables: DetectionTables, geometry: SnippetGeometry,
-                     chunk_samples: int, seed: int) -> torch.Tensor:
-    """(n, T) peak-channel waveforms of the spikes detected in :data:`BASIS_SAMPLE_CHUNKS` sampled chunks."""
-    source = scaled.source
-    margin = geometry.width
-    waveforms = [torch.zeros((0, geometry.width), device=scaled.device)]
-    for start, end in sample_chunk_ranges(source.num_samples, chunk_samples, BASIS_SAMPLE_CHUNKS, seed):
-        traces, _ = scaled.window(int(start), int(end), margin)
-        rows, channels = detect_in_window(traces, tables, geometry, (margin, margin + int(end - start)))
-        waveforms.append(gather_snippets(traces, rows, channels[:, None], geometry)[:, :, 0])
-    return torch.cat(waveforms)
 
 
 def temporal_basis(waveforms: torch.Tensor, rank: int) -> torch.Tensor:
@@ -206,11 +96,11 @@ class _Reservoir:
 
 def collect_spikes(scaled: ScaledSource, detector: FootprintDetector, neighbourhoods: Neighbourhoods,
                    basis: torch.Tensor, geometry: SnippetGeometry, params: SortingParams, chunk_samples: int,
-                   progress: ProgressFn | None = None) -> SpikeSubset:
+                   seed: int, progress: ProgressFn | None = None) -> SpikeSubset:
     """Detect spikes over the whole recording (``detector``: footprint detection, peaks on the centre
     channel) and keep a bounded uniform subset with features."""
     source = scaled.source
-    reservoir = _Reservoir(params.max_spikes_per_channel, source.num_channels, params.seed)
+    reservoir = _Reservoir(params.max_spikes_per_channel, source.num_channels, seed)
     margin = geometry.width
     backoff = OomBackoff(chunk_samples, min_chunk_samples=4 * margin, device=scaled.device)
 
@@ -230,29 +120,3 @@ def collect_spikes(scaled: ScaledSource, detector: FootprintDetector, neighbourh
     subset = reservoir.subset()
     log.info("sorting: %d spikes detected, %d kept for clustering", subset.detected, len(subset.samples))
     return subset
-
-
-#: Quantile over sampled chunks of each channel's per-chunk noise level (see robust_noise_levels).
-NOISE_CHUNK_QUANTILE = 0.8
-#: Chunks sampled for the noise levels, and their length (s).
-NOISE_CHUNKS, NOISE_CHUNK_S = 20, 0.33
-
-
-def robust_noise_levels(source: TraceSource, seed: int) -> np.ndarray:
-    """(C,) per-channel noise level (source units): each of :data:`NOISE_CHUNKS` sampled chunks'
-    MAD / 0.6745 (``peaks.chunk_noise_mads``), then the :data:`NOISE_CHUNK_QUANTILE` quantile over chunks.
-
-    Motion correction attenuates a channel while its corrected position lies off the probe (its
-    interpolation weights vanish there); a median over chunks would take that quiet level for the
-    channel's noise and flood it with false detections whenever it is not attenuated. A channel
-    that is constant everywhere gets the median level of the others.
-    """
-    if source.num_samples == 0:
-        raise BadInputError("cannot estimate the noise of an empty recording")
-    levels = chunk_noise_mads(source, chunk_samples=max(int(round(NOISE_CHUNK_S * source.sampling_rate_hz)), 1),
-                              num_chunks=NOISE_CHUNKS, seed=seed)
-    noise = torch.quantile(levels, NOISE_CHUNK_QUANTILE, dim=1).numpy()
-    usable = np.isfinite(noise) & (noise > 0)
-    if not usable.any():
-        raise NothingToSort("every channel of the recording is constant")
-    return np.where(usable, noise, np.median(noise[usable]))

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from nwbflow.device import OomBackoff
-from nwbflow.ephys.chunks import ProgressFn, chunk_ranges, sample_chunk_ranges
+from nwbflow.ephys.chunks import ProgressFn, chunk_ranges
 from nwbflow.ephys.filtering import correlate_valid
-from nwbflow.ephys.sorting.features import ScaledSource
 from nwbflow.ephys.sorting.templates import Templates
+from nwbflow.ephys.sorting.traces import SampledChunks, ScaledSource
 
 #: Accepted template scalings ``a`` of a match (1: the template's own size). Below 0.6, matches on
 #: a large unit's subtraction residual (its spike-to-spike variation) take over from genuine
@@ -45,8 +45,8 @@ AMPLITUDE_RANGE = (0.6, 2.5)
 #: Scores whose window comes within a template width of a sample this far from zero (noise
 #: units) on the template's channels are left out of its noise level (they hold a spike).
 NOISE_EXCLUSION_LEVEL = 4.0
-#: Chunks sampled to measure the templates' noise levels, and the fewest quiet scores trusted.
-NOISE_SAMPLE_CHUNKS, MIN_NOISE_SCORES = 5, 1000
+#: The fewest quiet scores trusted to measure a template's noise level.
+MIN_NOISE_SCORES = 1000
 #: Spikes whose score updates are applied in one batch (bounds memory: K x batch x (2T - 1) floats).
 UPDATE_BATCH = 512
 
@@ -77,24 +77,24 @@ def template_scores(traces: torch.Tensor, templates: Templates) -> torch.Tensor:
     return templates.spatial.transpose(1, 2).reshape(num_units, -1) @ projected.flatten(0, 1)
 
 
-def score_noise_levels(scaled: ScaledSource, templates: Templates, chunk_samples: int, seed: int) -> torch.Tensor:
+def score_noise_levels(noise_chunks: SampledChunks, templates: Templates) -> torch.Tensor:
     """(K,) standard deviation of each template's matched-filter output on the recording's noise.
 
     Measured, not modelled: band-passed noise is correlated in time and, after a whitening
     estimated on spiking data, across channels too, so the output's spread is neither
     ``||W_k||`` nor a per-channel model of it (for a small unit beside large ones such a model
-    was 18 % too high). Scores are computed on :data:`NOISE_SAMPLE_CHUNKS` sampled chunks; a
-    score is left out when its window comes within a template width of a sample beyond
-    :data:`NOISE_EXCLUSION_LEVEL` on any of the template's channels (a spike, not noise); a
-    template left with fewer than :data:`MIN_NOISE_SCORES` quiet scores uses all of them.
+    was 18 % too high). Scores are computed on the sorter's sampled noise chunks
+    (``detection.NOISE_SAMPLE_CHUNKS``, read once per sort); a score is left out when its window
+    comes within a template width of a sample beyond :data:`NOISE_EXCLUSION_LEVEL` on any of the
+    template's channels (a spike, not noise); a template left with fewer than
+    :data:`MIN_NOISE_SCORES` quiet scores uses all of them.
     """
     width = templates.width
     support = (templates.spatial.abs().sum(dim=2) > 0).T.float()  # (C, K)
     quiet_sums, quiet_counts, all_sums = (torch.zeros(templates.num_units, dtype=torch.float64,
-                                                      device=scaled.device) for _ in range(3))
+                                                      device=templates.spatial.device) for _ in range(3))
     scored = 0  # scores per template, quiet or not
-    for start, end in sample_chunk_ranges(scaled.source.num_samples, chunk_samples, NOISE_SAMPLE_CHUNKS, seed):
-        traces, _ = scaled.window(int(start), int(end), 0)
+    for traces in noise_chunks.scaled():
         if traces.shape[0] < width:
             continue
         squares = template_scores(traces, templates).T ** 2  # (L, K), float32; sums in float64

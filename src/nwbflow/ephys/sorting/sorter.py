@@ -5,7 +5,7 @@ clustering subset):
 
 1. noise levels, then peak-channel waveforms from sampled chunks: the temporal basis and the
    prototypes of footprint detection (:mod:`~nwbflow.ephys.sorting.detection`), whose score
-   noise is measured on sampled chunks too;
+   noise is measured on chunks sampled once (and reused by matching's score noise);
 2. footprint detection over the whole recording, keeping a bounded uniform subset of spikes
    with features;
 3. clustering per centre channel, templates from the cluster means, duplicates collapsed;
@@ -13,7 +13,7 @@ clustering subset):
    each re-estimating the templates from the residual plus own-template snippets of the
    matched spikes (count-weighted means);
 5. the final matching pass, then merges of over-split units and removal of tiny, satellite and
-   misaligned units (:mod:`~nwbflow.ephys.sorting.postprocess`; their templates still take part
+   misaligned units (:mod:`~nwbflow.ephys.sorting.curation`; their templates still take part
    in matching).
 """
 
@@ -27,16 +27,16 @@ import numpy as np
 import torch
 
 from nwbflow.ephys.chunks import ProgressFn, TraceSource, sample_chunk_ranges
-from nwbflow.ephys.sorting.clustering import cluster_features
-from nwbflow.ephys.sorting.detection import FootprintDetector, waveform_prototypes
-from nwbflow.ephys.sorting.features import (Neighbourhoods, ScaledSource, SnippetGeometry, SpikeSubset,
-                                            NothingToSort, collect_spikes, detection_tables, robust_noise_levels,
-                                            sample_waveforms, temporal_basis)
-from nwbflow.ephys.sorting.matching import Matches, match_recording, score_noise_levels
-from nwbflow.ephys.sorting.postprocess import merge_oversplit_units, misaligned_units, satellite_units
-from nwbflow.ephys.sorting.templates import Templates, merge_duplicates, restrict_to_radius, template_basis
+from nwbflow.ephys.sorting.curation import curate
+from nwbflow.ephys.sorting.detection import (NOISE_SAMPLE_CHUNKS, FootprintDetector, sample_waveforms,
+                                             sorter_noise_levels, threshold_tables, waveform_prototypes)
+from nwbflow.ephys.sorting.features import collect_spikes, temporal_basis
+from nwbflow.ephys.sorting.matching import match_recording, score_noise_levels
+from nwbflow.ephys.sorting.templates import (cluster_into_templates, merge_duplicates, restrict_to_radius,
+                                             updated_templates)
+from nwbflow.ephys.sorting.traces import Neighbourhoods, NothingToSort, ScaledSource, SnippetGeometry
 from nwbflow.errors import BadInputError
-from nwbflow.params import SortingParams
+from nwbflow.params import DEFAULT_CHUNKS, SortingParams
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class SortingResult:
 
 
 def sort_traces(source: TraceSource, channel_positions_um: np.ndarray, params: SortingParams, *,
+                chunk_duration_s: float = DEFAULT_CHUNKS.sorting_s, seed: int = 0,
                 device: torch.device | str = "cpu", noise: np.ndarray | None = None,
                 progress: ProgressFn | None = None) -> SortingResult:
     """Sort the spikes of ``source`` (preprocessed traces, ideally whitened and motion-corrected).
@@ -86,13 +87,17 @@ def sort_traces(source: TraceSource, channel_positions_um: np.ndarray, params: S
     Parameters
     ----------
     source : TraceSource
-        (num_samples, num_channels) traces, e.g. ``open_binary`` of the motion stage's ``corrected.bin``.
+        (num_samples, num_channels) traces, e.g. the motion stage's ``PreprocessedRecording.open()``.
     channel_positions_um : (num_channels, 2) float, µm
     params : SortingParams
+    chunk_duration_s : float
+        Samples detected and matched at once (s), the execution policy's ``chunks.sorting_s``.
+    seed : int
+        Seed of every random choice (sampled chunks, clustering, subsets).
     device : torch.device or str
         Where every kernel runs; resolve ``"auto"`` before calling.
     noise : (num_channels,) float or None
-        Per-channel noise in the source's units; default: robust estimate from sampled chunks.
+        Per-channel noise in the source's units; default: ``detection.sorter_noise_levels``.
     progress : callable (done, total) or None
         Called after each chunk of each pass; ``total`` counts all passes' samples.
 
@@ -114,11 +119,13 @@ def sort_traces(source: TraceSource, channel_positions_um: np.ndarray, params: S
                             f"({source.num_channels}, 2)")
     positions = positions[:, :2]
     fs = float(source.sampling_rate_hz)
+    geometry = SnippetGeometry.of(params, fs)
+    chunk_samples = max(int(round(chunk_duration_s * fs)), 8 * geometry.width)
     try:
-        return _sort(source, positions, params, device, noise, progress)
+        return _sort(source, positions, params, geometry, chunk_samples, seed, device, noise, progress)
     except NothingToSort as reason:
         log.warning("sorting found no units: %s", reason)
-        geometry, empty = SnippetGeometry.of(params, fs), np.zeros(0, np.int64)
+        empty = np.zeros(0, np.int64)
         return SortingResult(spike_samples=empty, spike_units=empty, spike_templates=empty,
                              spike_amplitudes=np.zeros(0, np.float32),
                              templates=np.zeros((0, geometry.width, source.num_channels), np.float32),
@@ -127,25 +134,24 @@ def sort_traces(source: TraceSource, channel_positions_um: np.ndarray, params: S
                              nothing_found=str(reason))
 
 
-def _sort(source: TraceSource, positions: np.ndarray, params: SortingParams, device: torch.device,
-          noise: np.ndarray | None, progress: ProgressFn | None) -> SortingResult:
+def _sort(source: TraceSource, positions: np.ndarray, params: SortingParams, geometry: SnippetGeometry,
+          chunk_samples: int, seed: int, device: torch.device, noise: np.ndarray | None,
+          progress: ProgressFn | None) -> SortingResult:
     fs = float(source.sampling_rate_hz)
-    geometry = SnippetGeometry.of(params, fs)
-    chunk_samples = max(int(round(params.chunk_duration_s * fs)), 8 * geometry.width)
-    noise = robust_noise_levels(source, params.seed) \
-        if noise is None else np.asarray(noise, dtype=np.float64)
+    noise = sorter_noise_levels(source, seed) if noise is None else np.asarray(noise, dtype=np.float64)
     scaled = ScaledSource(source, noise, device)
     passes = _PassProgress(progress, source.num_samples, 2 + params.template_update_passes)
 
-    tables = detection_tables(positions, fs, params, device)
-    waveforms = sample_waveforms(scaled, tables, geometry, chunk_samples, params.seed)
+    waveforms = sample_waveforms(scaled, threshold_tables(positions, fs, params.detect_threshold_mad, device),
+                                 geometry, chunk_samples, seed)
     basis = temporal_basis(waveforms, params.temporal_components)
     neighbourhoods = Neighbourhoods.build(positions, params.clustering_radius_um, device)
-    detector = FootprintDetector.build(waveform_prototypes(waveforms, geometry.before, params.seed), geometry.before,
-                                       positions, fs, params.footprint_threshold)
-    detector = detector.measured(scaled, chunk_samples, params.seed)
-    subset = collect_spikes(scaled, detector, neighbourhoods, basis, geometry, params, chunk_samples, passes.next())
-    templates, counts = initial_templates(subset, neighbourhoods, basis, geometry, params, device)
+    noise_chunks = scaled.sample(chunk_samples, NOISE_SAMPLE_CHUNKS, seed)
+    detector = FootprintDetector.build(waveform_prototypes(waveforms, geometry.before, seed), geometry.before,
+                                       positions, fs, params.footprint_threshold).measured(noise_chunks)
+    subset = collect_spikes(scaled, detector, neighbourhoods, basis, geometry, params, chunk_samples, seed,
+                            passes.next())
+    templates, counts = cluster_into_templates(subset, neighbourhoods, basis, geometry, params, seed, device)
     max_lag = max(int(round(MERGE_MAX_LAG_MS * fs / 1000.0)), 1)
     templates = restrict_to_radius(templates.select(merge_duplicates(templates, counts, params.merge_similarity,
                                                                      max_lag)),
@@ -153,75 +159,24 @@ def _sort(source: TraceSource, positions: np.ndarray, params: SortingParams, dev
     log.info("sorting: %d clusters -> %d templates after duplicates", len(counts), templates.num_units)
 
     update_ranges = sample_chunk_ranges(source.num_samples, chunk_samples,
-                                        max(int(round(params.template_update_s * fs / chunk_samples)), 1), params.seed)
+                                        max(int(round(params.template_update_s * fs / chunk_samples)), 1), seed)
     update_fraction = float(np.diff(update_ranges, axis=1).sum()) / source.num_samples
     for _ in range(params.template_update_passes):
         matches = match_recording(scaled, templates, params.match_threshold, params.match_passes, chunk_samples,
-                                  score_noise_levels(scaled, templates, chunk_samples, params.seed),
-                                  accumulate=True, ranges=update_ranges, progress=passes.next())
-        templates = updated_templates(templates, matches, params, positions, max_lag, update_fraction)
+                                  score_noise_levels(noise_chunks, templates), accumulate=True, ranges=update_ranges,
+                                  progress=passes.next())
+        templates = updated_templates(templates, matches.snippet_sums, matches.snippet_counts, params, positions,
+                                      max_lag, update_fraction)
     matches = match_recording(scaled, templates, params.match_threshold, params.match_passes, chunk_samples,
-                              score_noise_levels(scaled, templates, chunk_samples, params.seed),
-                              progress=passes.next())
-    spike_units, template_units = merge_oversplit_units(matches, templates, params, fs, source.num_samples, max_lag)
-    num_units = int(template_units.max()) + 1
-    scaled_templates = templates.dense().cpu().numpy()  # noise units, as matched
-    sizes = np.zeros(num_units)
-    np.maximum.at(sizes, template_units, np.abs(scaled_templates).max(axis=(1, 2)))
-    big = np.bincount(spike_units, minlength=num_units) >= params.min_unit_spikes
-    big &= ~satellite_units(matches.samples, spike_units, sizes, templates.width)
-    big &= ~misaligned_units(scaled_templates, template_units, num_units, geometry.before, fs)
-    renumber = np.where(big, np.cumsum(big) - 1, -1)
-    kept = renumber[spike_units] >= 0
-    log.info("sorting: %d templates -> %d units, %d spikes", templates.num_units, int(big.sum()), int(kept.sum()))
-    return SortingResult(spike_samples=matches.samples[kept], spike_units=renumber[spike_units][kept],
+                              score_noise_levels(noise_chunks, templates), progress=passes.next())
+    curated = curate(matches, templates, params, fs, source.num_samples, max_lag)
+    kept = curated.spike_units >= 0
+    log.info("sorting: %d templates -> %d units, %d spikes", templates.num_units, curated.num_units, int(kept.sum()))
+    return SortingResult(spike_samples=matches.samples[kept], spike_units=curated.spike_units[kept],
                          spike_templates=matches.units[kept], spike_amplitudes=matches.amplitudes[kept],
-                         templates=scaled_templates * noise.astype(np.float32),  # source's units
-                         template_units=renumber[template_units],
+                         templates=templates.dense().cpu().numpy() * noise.astype(np.float32),  # source's units
+                         template_units=curated.template_units,
                          before=geometry.before, noise_levels=noise, detected_spikes=subset.detected)
-
-
-def initial_templates(subset: SpikeSubset, neighbourhoods: Neighbourhoods, basis: torch.Tensor,
-                      geometry: SnippetGeometry, params: SortingParams,
-                      device: torch.device) -> tuple[Templates, torch.Tensor]:
-    """Cluster each peak channel's spikes; one template per cluster (mean features). Returns the
-    templates and each one's spike count in the subset."""
-    num_channels = neighbourhoods.channels.shape[0]
-    spatial, counts = [], []
-    features = torch.as_tensor(subset.features, device=device)
-    channels = torch.as_tensor(subset.channels, device=device)
-    for channel in torch.unique(channels).tolist():
-        members = torch.nonzero(channels == channel).flatten()
-        labels = cluster_features(features[members], params.min_cluster_spikes, params.bimodality_threshold,
-                                  params.seed + channel)
-        neighbours, valid = neighbourhoods.channels[channel], neighbourhoods.valid[channel]
-        for label in range(int(labels.max()) + 1 if labels.numel() else 0):
-            chosen = members[labels == label]
-            mean = features[chosen].mean(dim=0)  # (R, K)
-            full = torch.zeros((num_channels, basis.shape[1]), device=device)
-            full[neighbours[valid]] = mean[:, valid].T
-            spatial.append(full)
-            counts.append(len(chosen))
-    if not spatial:
-        raise NothingToSort(f"no cluster of at least {params.min_cluster_spikes} spikes among the "
-                            f"{len(subset.samples)} detected")
-    return (Templates(basis, torch.stack(spatial), geometry.before),
-            torch.as_tensor(counts, dtype=torch.int64, device=device))
-
-
-def updated_templates(templates: Templates, matches: Matches, params: SortingParams, positions: np.ndarray,
-                      max_lag: int, fraction: float = 1.0) -> Templates:
-    """Templates re-estimated as the mean (residual + own template) snippet of their matched spikes
-    in a ``fraction`` of the recording; units with fewer than ``min_unit_spikes`` matches (scaled
-    by ``fraction``) are dropped, duplicates collapsed."""
-    counts = matches.snippet_counts
-    alive = counts >= max(params.min_unit_spikes * fraction, 1.0)
-    if not bool(alive.any()):
-        raise NothingToSort(f"template matching found no unit with at least {params.min_unit_spikes} spikes")
-    means = matches.snippet_sums[alive] / counts[alive, None, None]
-    refreshed = Templates.from_dense(means, template_basis(means, templates.basis.shape[1]), templates.before)
-    refreshed = restrict_to_radius(refreshed, positions, params.template_radius_um)
-    return refreshed.select(merge_duplicates(refreshed, counts[alive], params.merge_similarity, max_lag))
 
 
 class _PassProgress:

@@ -4,6 +4,10 @@ A template is ``W_k = B @ U_k.T`` : (T, C), with ``B`` (T, R) the shared orthono
 basis and ``U_k`` (C, R). Inner products between shifted templates, which template matching
 needs to update its scores after a subtraction, follow from ``U_j.T U_k`` and the basis's own
 shifted products, without forming the dense templates.
+
+Templates are made from the clusters of each channel's spikes (:func:`cluster_into_templates`),
+restricted to a radius, collapsed where duplicated, and re-estimated from the spikes a
+matching pass found (:func:`updated_templates`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from nwbflow.ephys.sorting.clustering import cluster_features
+from nwbflow.ephys.sorting.features import SpikeSubset
+from nwbflow.ephys.sorting.traces import Neighbourhoods, NothingToSort, SnippetGeometry
+from nwbflow.params import SortingParams
 
 
 @dataclass
@@ -122,3 +131,46 @@ def template_basis(dense: torch.Tensor, rank: int) -> torch.Tensor:
     blocks = (dense / norms[:, None, None]).permute(1, 0, 2).reshape(dense.shape[1], -1)  # (T, K*C)
     left, _, _ = torch.linalg.svd(blocks.double(), full_matrices=False)
     return left[:, :rank].float().contiguous()
+
+
+def cluster_into_templates(subset: SpikeSubset, neighbourhoods: Neighbourhoods, basis: torch.Tensor,
+                           geometry: SnippetGeometry, params: SortingParams, seed: int,
+                           device: torch.device) -> tuple[Templates, torch.Tensor]:
+    """Cluster each peak channel's spikes; one template per cluster (mean features). Returns the
+    templates and each one's spike count in the subset."""
+    num_channels = neighbourhoods.channels.shape[0]
+    spatial, counts = [], []
+    features = torch.as_tensor(subset.features, device=device)
+    channels = torch.as_tensor(subset.channels, device=device)
+    for channel in torch.unique(channels).tolist():
+        members = torch.nonzero(channels == channel).flatten()
+        labels = cluster_features(features[members], params.min_cluster_spikes, params.bimodality_threshold,
+                                  seed + channel)
+        neighbours, valid = neighbourhoods.channels[channel], neighbourhoods.valid[channel]
+        for label in range(int(labels.max()) + 1 if labels.numel() else 0):
+            chosen = members[labels == label]
+            mean = features[chosen].mean(dim=0)  # (R, K)
+            full = torch.zeros((num_channels, basis.shape[1]), device=device)
+            full[neighbours[valid]] = mean[:, valid].T
+            spatial.append(full)
+            counts.append(len(chosen))
+    if not spatial:
+        raise NothingToSort(f"no cluster of at least {params.min_cluster_spikes} spikes among the "
+                            f"{len(subset.samples)} detected")
+    return (Templates(basis, torch.stack(spatial), geometry.before),
+            torch.as_tensor(counts, dtype=torch.int64, device=device))
+
+
+def updated_templates(templates: Templates, snippet_sums: torch.Tensor, snippet_counts: torch.Tensor,
+                      params: SortingParams, positions: np.ndarray, max_lag: int, fraction: float = 1.0) -> Templates:
+    """Templates re-estimated as the mean (residual + own template) snippet of their matched spikes
+    (``snippet_sums`` (K, T, C), ``snippet_counts`` (K,)) in a ``fraction`` of the recording; units
+    with fewer than ``min_unit_spikes`` matches (scaled by ``fraction``) are dropped, duplicates
+    collapsed."""
+    alive = snippet_counts >= max(params.min_unit_spikes * fraction, 1.0)
+    if not bool(alive.any()):
+        raise NothingToSort(f"template matching found no unit with at least {params.min_unit_spikes} spikes")
+    means = snippet_sums[alive] / snippet_counts[alive, None, None]
+    refreshed = Templates.from_dense(means, template_basis(means, templates.basis.shape[1]), templates.before)
+    refreshed = restrict_to_radius(refreshed, positions, params.template_radius_um)
+    return refreshed.select(merge_duplicates(refreshed, snippet_counts[alive], params.merge_similarity, max_lag))

@@ -1,4 +1,6 @@
-"""After matching: merges of over-split units, and removal of satellite and misaligned units.
+"""Curation after matching: merges of over-split units, removal of tiny, satellite and misaligned units.
+
+:func:`curate` applies them in that order and numbers the units kept.
 
 Two units are one neuron split in two when their templates are nearly the same shape and
 their spike trains never come closer than a refractory period: their cross-correlogram has
@@ -26,6 +28,8 @@ during matching, the signal that would otherwise be fitted by the units that are
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from nwbflow.ephys.sorting.matching import Matches
@@ -40,6 +44,39 @@ SATELLITE_FRACTION, SATELLITE_JITTER, SATELLITE_SIZE_RATIO = 0.5, 2, 2.0
 TROUGH_JITTER_MS = 0.1
 MIN_EXPECTED_PAIRS = 5.0
 IDENTICAL_SIMILARITY = 0.97
+
+
+@dataclass(frozen=True)
+class Curated:
+    """Units after curation.
+
+    Attributes
+    ----------
+    spike_units : (N,) int64, each match's unit 0..U-1, or -1 when its unit was dropped
+    template_units : (K,) int64, each template's unit, -1 for templates of dropped units
+    num_units : int, units kept (U)
+    """
+
+    spike_units: np.ndarray
+    template_units: np.ndarray
+    num_units: int
+
+
+def curate(matches: Matches, templates: Templates, params: SortingParams, sampling_rate_hz: float,
+           num_samples: int, max_lag: int) -> Curated:
+    """Merge over-split units, then drop units with fewer than ``min_unit_spikes`` spikes, satellites and
+    misaligned units (their templates stay in matching); the rest are numbered 0..U-1 by first template."""
+    spike_units, template_units = merge_oversplit_units(matches, templates, params, sampling_rate_hz, num_samples,
+                                                        max_lag)
+    num_units = int(template_units.max()) + 1
+    scaled_templates = templates.dense().cpu().numpy()  # noise units, as matched
+    sizes = np.zeros(num_units)
+    np.maximum.at(sizes, template_units, np.abs(scaled_templates).max(axis=(1, 2)))
+    big = np.bincount(spike_units, minlength=num_units) >= params.min_unit_spikes
+    big &= ~satellite_units(matches.samples, spike_units, sizes, templates.width)
+    big &= ~misaligned_units(scaled_templates, template_units, num_units, templates.before, sampling_rate_hz)
+    renumber = np.where(big, np.cumsum(big) - 1, -1)
+    return Curated(renumber[spike_units], renumber[template_units], int(big.sum()))
 
 
 def cross_pairs_within(first: np.ndarray, second: np.ndarray, window: int) -> int:

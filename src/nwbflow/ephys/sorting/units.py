@@ -1,7 +1,9 @@
-"""Unit waveforms on the filtered (unwhitened) scale and quality metrics, as SpikeInterface defines them.
+"""What is reported of each unit: waveforms on the filtered (unwhitened) scale, amplitudes, quality metrics.
 
 Sorting runs on whitened traces ``x_w = W x``; waveforms are reported in µV on the filtered scale,
-``x = W^-1 x_w``, from a random subset of each unit's spikes read back from the traces.
+``x = W^-1 x_w``, from a random subset of each unit's spikes read back from the traces
+(:class:`UnwhitenedSource`); a SpikeInterface sorter's spikes are read from the raw series
+preprocessed on demand without whitening. :func:`describe_units` computes all of it.
 
 Metrics (per unit; ``duration_s`` the recording's length):
 
@@ -21,7 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from nwbflow.ephys.chunks import TraceSource
-from nwbflow.ephys.sorting.features import robust_noise_levels
+from nwbflow.ephys.noise import robust_noise_levels
+from nwbflow.ephys.sorting.traces import SnippetGeometry
+from nwbflow.params import SortingParams
+
+#: Spikes whose trace values :func:`values_at` reads at once (one window spans them).
+VALUES_BLOCK_SAMPLES = 30_000
 
 #: Quality metric columns written to the Units table, with their descriptions (one place for both).
 METRIC_DESCRIPTIONS: dict[str, str] = {
@@ -59,7 +66,7 @@ class UnitWaveforms:
     peak_uv: np.ndarray
 
 
-def unit_waveforms(source: UnwhitenedSource, spike_samples: np.ndarray, spike_units: np.ndarray, num_units: int,
+def unit_waveforms(source: TraceSource, spike_samples: np.ndarray, spike_units: np.ndarray, num_units: int,
                    before: int, width: int, spikes_per_unit: int, seed: int) -> UnitWaveforms:
     """Mean / SD waveforms from up to ``spikes_per_unit`` random spikes per unit (read one by one)."""
     rng = np.random.default_rng(seed)
@@ -81,9 +88,23 @@ def unit_waveforms(source: UnwhitenedSource, spike_samples: np.ndarray, spike_un
     return UnitWaveforms(mean, sd, peak_channel, mean[np.arange(num_units), rows, peak_channel])
 
 
-def filtered_noise_uv(source: UnwhitenedSource, seed: int) -> np.ndarray:
-    """(C,) robust noise level (MAD / 0.6745, :func:`robust_noise_levels`) of the unwhitened traces, µV."""
+def filtered_noise_uv(source: TraceSource, seed: int) -> np.ndarray:
+    """(C,) robust noise level (:func:`~nwbflow.ephys.noise.robust_noise_levels`) of the filtered traces, µV."""
     return robust_noise_levels(source, seed)
+
+
+def values_at(source: TraceSource, samples: np.ndarray, channels: np.ndarray) -> np.ndarray:
+    """(N,) float32 ``source``'s value at each (sample, channel) pair (samples ascending), read in windows
+    of at most :data:`VALUES_BLOCK_SAMPLES` samples (one read per window, not per spike)."""
+    values = np.zeros(len(samples), np.float32)
+    start = 0
+    while start < len(samples):
+        first = int(samples[start])
+        stop = int(np.searchsorted(samples, first + VALUES_BLOCK_SAMPLES, side="left"))
+        window = source.get_traces(first, int(samples[stop - 1]) + 1)
+        values[start:stop] = window[samples[start:stop] - first, channels[start:stop]]
+        start = stop
+    return values
 
 
 def quality_metrics(spike_samples: np.ndarray, spike_units: np.ndarray, num_units: int, num_samples: int,
@@ -126,3 +147,76 @@ def spike_amplitudes_uv(spike_templates: np.ndarray, spike_scalings: np.ndarray,
             trace = unwhitened[index, :, waveforms.peak_channel[unit]]
             values[index] = trace[np.abs(trace).argmax()]
     return values[spike_templates] * spike_scalings
+
+
+def unit_channels(positions: np.ndarray, peak_channel: np.ndarray, radius_um: float) -> np.ndarray:
+    """(U, K) each unit's K channels nearest its peak channel, nearest first (peak channel first).
+
+    K is the most channels any channel has within ``radius_um``, so every unit gets the same count
+    (NWB's waveform_mean is rectangular and ordered as the unit's ``electrodes``).
+    """
+    distance = np.linalg.norm(positions[:, None, :2] - positions[None, :, :2], axis=2)
+    count = int((distance <= radius_um).sum(axis=1).max()) if len(positions) else 0
+    order = np.argsort(distance, axis=1, kind="stable")[:, :count]
+    return order[peak_channel].astype(np.int64)
+
+
+@dataclass(frozen=True)
+class MatchedTemplates:
+    """How our sorter explained each spike: its template (N,) and scaling (N,), the templates (M, T, C) in
+    the sorted traces' units and each one's unit (M,) (-1: dropped); for amplitudes without a read."""
+
+    spike_templates: np.ndarray
+    spike_scalings: np.ndarray
+    templates: np.ndarray
+    template_units: np.ndarray
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    """Per unit: waveforms (µV), each spike's amplitude (µV), the metric columns, and the channels
+    (U, K) the unit's waveforms are reported on (nearest its peak channel first)."""
+
+    waveforms: UnitWaveforms
+    amplitudes_uv: np.ndarray
+    metrics: dict[str, np.ndarray]
+    channels: np.ndarray
+
+
+def describe_units(source: TraceSource, spike_samples: np.ndarray, spike_units: np.ndarray, num_units: int,
+                   channel_positions_um: np.ndarray, params: SortingParams, *, seed: int,
+                   matched: MatchedTemplates | None = None,
+                   whitening_inverse: np.ndarray | None = None) -> UnitReport:
+    """Waveforms, amplitudes and quality metrics of sorted units.
+
+    Parameters
+    ----------
+    source : TraceSource
+        Filtered traces in µV (e.g. :class:`UnwhitenedSource` of the sorted, whitened traces).
+    spike_samples, spike_units : (N,) int64, samples ascending; units 0..U-1
+    num_units : int
+    channel_positions_um : (C, 2) float, µm
+    params : SortingParams
+        ``ms_before``/``ms_after``, ``waveform_spikes``, ``refractory_ms``, ``presence_bin_s``,
+        ``template_radius_um`` (the channels reported).
+    seed : int
+        Seed of the spikes averaged and of the chunks sampled for the noise levels.
+    matched : MatchedTemplates or None
+        Our sorter's templates: amplitudes are then its scalings times the template's value at the
+        unit's peak (needs ``whitening_inverse`` when the templates are whitened); otherwise each
+        spike's value is read at its unit's peak channel.
+    """
+    geometry = SnippetGeometry.of(params, source.sampling_rate_hz)
+    waveforms = unit_waveforms(source, spike_samples, spike_units, num_units, geometry.before, geometry.width,
+                               params.waveform_spikes, seed)
+    if matched is not None:
+        amplitudes = spike_amplitudes_uv(matched.spike_templates, matched.spike_scalings, matched.templates,
+                                         matched.template_units, waveforms, whitening_inverse)
+    else:
+        amplitudes = values_at(source, spike_samples, waveforms.peak_channel[spike_units])
+    metrics = quality_metrics(spike_samples, spike_units, num_units, source.num_samples, source.sampling_rate_hz,
+                              amplitudes, waveforms, filtered_noise_uv(source, seed), params.refractory_ms,
+                              params.presence_bin_s)
+    channels = unit_channels(np.asarray(channel_positions_um, np.float64), waveforms.peak_channel,
+                             params.template_radius_um)
+    return UnitReport(waveforms, amplitudes, metrics, channels)

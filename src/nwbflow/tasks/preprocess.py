@@ -1,0 +1,33 @@
+"""Prefect task of the preprocess stage: the raw series -> the preprocessed binary and its record."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from nwbflow.ephys.preprocess import preprocess_to_binary
+from nwbflow.ephys.recording import TIMESTAMPS_FILE, SessionClock, copy_timestamps
+from nwbflow.nwb_io.read import open_session
+from nwbflow.params import PreprocessParams
+from nwbflow.tasks.runner import STAGE_TASK, StageOutcome, StageRun, StageSpec
+
+PREPROCESSED = "preprocessed.bin"
+
+
+@task(name="preprocess", **STAGE_TASK)
+def preprocess_task(spec: StageSpec, params: PreprocessParams, upstream: dict[str, StageOutcome]) -> StageOutcome:
+    """Offset, median CAR, zero-phase band-pass, whitening -> float16/float32 binary + ``recording.json``."""
+    with StageRun(spec) as run, open_session(spec.nwb_path) as session:
+        series = session.select_ephys(spec.series)
+        clock = SessionClock(series.sampling_rate_hz, series.starting_time_s,
+                             copy_timestamps(series.timestamps_s, run.directory / TIMESTAMPS_FILE)
+                             if series.has_timestamps else None)
+        recording = preprocess_to_binary(series, params, run.directory / PREPROCESSED,
+                                         chunk_duration_s=spec.policy.chunks.preprocess_s, seed=spec.policy.seed,
+                                         progress=run.progress(series.num_samples), device=run.device,
+                                         channel_positions_um=series.channel_positions_um, clock=clock)
+        record = recording.save(run.directory)
+        duration_s = recording.num_samples / recording.sampling_rate_hz
+        summary = {"channels": recording.num_channels, "sampling_rate_hz": recording.sampling_rate_hz,
+                   "recording_s": round(duration_s, 3)}
+        return run.finish({"preprocessed": recording.binary_path, "recording": record}, summary,
+                          recording_s=duration_s)
