@@ -22,7 +22,8 @@ from nwbflow.ephys.peaks import iter_peaks
 from nwbflow.ephys.preprocess import preprocess_to_binary
 from nwbflow.nwb_io.provenance import ProvenanceRecord
 from nwbflow.nwb_io.read import open_session
-from nwbflow.nwb_io.write import SessionResults, write_processed
+from nwbflow.nwb_io.results import SessionResults
+from nwbflow.nwb_io.write import write_processed
 from nwbflow.params import PeakParams, PreprocessParams
 from _measure import peak_rss_mb
 from nwbflow.report import format_table

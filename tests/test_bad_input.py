@@ -66,6 +66,16 @@ def attribute(build: Callable[[Path], Path], obj: str, name: str, value) -> Call
     return lambda folder: edited(build(folder), edit)
 
 
+def roi_rate_zero_and_no_imaging_rate(folder: Path) -> Path:
+    """Rate 0 (as CaImAn through optinist writes it) and an ImagingPlane without imaging_rate: no clock at all.
+    (With the plane's rate, the series takes it: tests/test_lab_sessions.py.)"""
+    def edit(handle):
+        handle[f"{RRS}/starting_time"].attrs["rate"] = 0.0
+        for plane in handle["general/optophysiology"].values():
+            del plane["imaging_rate"]
+    return edited(ophys_file(folder), edit)
+
+
 def overwrite_bytes(path: Path, offset: int, count: int = 16) -> Path:
     with open(path, "r+b") as handle:
         handle.seek(offset)
@@ -252,7 +262,7 @@ CASES = {
     "sampling rate below the band-pass (10 kHz)": Case(lambda folder: ephys_file(folder, rate=10_000.0),
                                                        r"sampled at 10000 Hz: freq_max_hz \(6000.0 Hz\) must be "
                                                        "below Nyquist", ES),
-    "sampling rate 0 (RoiResponseSeries)": Case(attribute(ophys_file, f"{RRS}/starting_time", "rate", 0.0),
+    "sampling rate 0 (RoiResponseSeries)": Case(roi_rate_zero_and_no_imaging_rate,
                                                 "sampling rate must be a positive number of Hz, found 0.0",
                                                 f"{RRS}/starting_time"),
     "duplicate ROI ids": Case(duplicate_roi_ids, r"ids \[0\] are each shared by several rows",

@@ -269,5 +269,5 @@ def test_roi_series_selection_errors_name_the_object_and_the_fix(ophys_session):
         assert session.select_roi().object_path == "processing/ophys/Fluorescence/RoiResponseSeries"
         with pytest.raises(BadInputError, match="does not exist.*Fix: pass `calcium.roi_series`"):
             session.select_roi("processing/ophys/Fluorescence/Nope")
-        with pytest.raises(BadInputError, match="no RoiResponseSeries to choose from"):
+        with pytest.raises(BadInputError, match="no RoiResponseSeries holds ROI traces"):
             session.select_roi(exclude=("processing/ophys/Fluorescence",))

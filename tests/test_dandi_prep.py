@@ -34,7 +34,8 @@ from nwbflow.errors import BadInputError
 from nwbflow.flows.dandi import UploadBlockedError, dandi_prep
 from nwbflow.nwb_io.provenance import ProvenanceRecord
 from nwbflow.nwb_io.validate import ValidatorMissingError, require_dandi_validators
-from nwbflow.nwb_io.write import SessionResults, write_processed
+from nwbflow.nwb_io.results import SessionResults
+from nwbflow.nwb_io.write import write_processed
 from nwbflow.synth import SynthConfig, write_synthetic_session
 
 DANDI = str(Path(sys.executable).with_name("dandi"))
@@ -50,7 +51,7 @@ def _record() -> ProvenanceRecord:
 
 
 def _processed(raw: Path, out: Path) -> Path:
-    return write_processed(raw, out, SessionResults((_record(),)))
+    return write_processed(raw, out, SessionResults((_record(),))).path
 
 
 def _session_file(path: Path, *, subject: Subject | None, identifier: str, session_id: str = "s1") -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib
 import json
 import logging
@@ -12,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 from pynwb import NWBHDF5IO, validate
+from pynwb.testing.mock.file import mock_NWBFile
 from pynwb.file import Subject
 from pynwb.testing.mock.ecephys import mock_ElectricalSeries
 from pynwb.testing.mock.file import mock_NWBFile
@@ -36,11 +39,14 @@ OUR_TYPES = {"ProvenanceTable", "MotionEstimate"}
 
 EXPECTED_COLUMNS = (
     "stage", "software", "software_version", "git_revision", "parameter_names", "parameter_values",
-    "input_files", "input_objects", "input_sha256", "outputs", "start_time_utc", "end_time_utc",
-    "host", "device", "flow_run_id", "task_run_id",
+    "input_files", "input_identifiers", "input_objects", "input_sha256", "outputs", "start_time_utc", "end_time_utc",
+    "host", "device", "flow_run_id", "task_run_id", "status", "error",
 )
+#: Added in ndx-nwbflow 0.2.0, optional in the spec (files of 0.1.0 still read): created by the first row.
+ADDED_COLUMNS = ("input_identifiers", "status", "error")  # since 0.2.0
+OPTIONAL_COLUMNS = (*ADDED_COLUMNS, "outputs")
 
-PEAKS_INPUT = {"file": "/data/sub-1/sub-1_ses-1.nwb", "object": "acquisition/ElectricalSeries",
+PEAKS_INPUT = {"file": "sub-1_ses-1.nwb", "identifier": "raw-session-1", "object": "acquisition/ElectricalSeries",
                "sha256": "sha256:" + "ab" * 32}
 
 
@@ -50,7 +56,7 @@ def _provenance_records() -> list[ProvenanceRecord]:
         ProvenanceRecord(
             stage="preprocess", git_revision="0123456789abcdef0123456789abcdef01234567",
             parameters=json.dumps({"freq_min_hz": 300.0, "whiten": True, "nested": {"mode": "global"}}),
-            inputs=(PEAKS_INPUT,), outputs=("workdir/preprocess/traces.bin",),
+            inputs=(PEAKS_INPUT,), outputs=(),
             start_time_utc="2024-05-01T12:00:00.000000+00:00",
             end_time_utc="2024-05-01T12:03:10.250000+00:00", host="node-01", device="cuda:0",
             flow_run_id="6c1f2d1e-6a4a-4b8e-9a43-6f1f6f3c2a10",
@@ -59,7 +65,8 @@ def _provenance_records() -> list[ProvenanceRecord]:
             stage="motion", parameters=json.dumps({"time_bin_s": 1.0, "depth_bins": [100.0, 300.0]}),
             inputs=(PEAKS_INPUT,), outputs=("processing/ecephys/motion",),
             start_time_utc="2024-05-01T12:03:11.000000+00:00",
-            end_time_utc="2024-05-01T12:04:00.500000+00:00", host="laptop", device="cpu"),
+            end_time_utc="2024-05-01T12:04:00.500000+00:00", host="laptop", device="cpu", status="failed",
+            error="BadInputError: the series' clock goes backwards"),
     ]
 
 
@@ -116,11 +123,49 @@ def test_provenance_columns_come_from_spec_in_order():
     assert ext.NAMESPACE == NAMESPACE == "ndx-nwbflow"
 
 
-def test_new_table_has_all_columns_and_no_rows():
+def test_a_file_of_version_0_1_0_still_reads(tmp_path):
+    """Files written before the columns of 0.2.0 (and MotionEstimate's source attributes) existed: their own
+    cached spec is older; rows read as completed, with empty identifiers."""
+    path = tmp_path / "v010.nwb"
+    nwbfile = mock_NWBFile()
+    module = nwbfile.create_processing_module("nwbflow", "provenance")
+    table = ProvenanceTable(description="old")
+    table.add_row(**{k: v for k, v in _provenance_records()[0].as_row().items() if k not in ADDED_COLUMNS})
+    module.add(table)
+    with NWBHDF5IO(str(path), "w") as io:
+        io.write(nwbfile)
+    with h5py.File(path, "r") as handle:  # what 0.1.0 wrote: none of the added columns
+        assert not set(ADDED_COLUMNS) & set(handle["processing/nwbflow/provenance"])
+    with NWBHDF5IO(str(path), "r") as io:
+        (row,) = read_provenance(io.read())
+    assert (row["status"], row["error"], row["inputs"][0]["identifier"]) == ("completed", "", "")
+
+
+def test_new_table_has_the_required_columns_and_no_rows():
     table = ProvenanceTable(description="empty")
     assert table.name == "provenance"
-    assert tuple(table.colnames) == PROVENANCE_COLUMNS
+    assert tuple(table.colnames) == tuple(c for c in PROVENANCE_COLUMNS if c not in OPTIONAL_COLUMNS)
     assert len(table) == 0
+
+
+def test_rows_without_any_output_leave_the_column_out_and_pass_nwbinspector(tmp_path):
+    """A ragged column with no value at all crashes nwbinspector's table checks (its issue #712): when no
+    stage put anything in the file, ``outputs`` is left out, and reads back as empty lists."""
+    from nwbflow.nwb_io.results import add_provenance
+    from nwbflow.nwb_io.validate import validate_file
+
+    path = tmp_path / "no_outputs.nwb"
+    nwbfile = mock_NWBFile()
+    records = tuple(dataclasses.replace(r, outputs=()) for r in _provenance_records())
+    add_provenance(nwbfile, records, path)
+    with NWBHDF5IO(str(path), "w") as io:
+        io.write(nwbfile)
+    with h5py.File(path, "r") as handle:
+        assert "outputs" not in handle["processing/nwbflow/provenance"]
+    with NWBHDF5IO(str(path), "r") as io:
+        assert [row["outputs"] for row in read_provenance(io.read())] == [[]] * len(records)
+    report = validate_file(path, ("nwbinspector",))
+    assert report.not_run == () and not [f for f in report.findings if "Traceback" in f.message]
 
 
 def test_import_twice_is_idempotent():
@@ -141,7 +186,7 @@ def test_roundtrip_provenance(nwb_path):
     with NWBHDF5IO(nwb_path, "r") as io:
         table = io.read().processing["nwbflow"]["provenance"]
         assert isinstance(table, ProvenanceTable)
-        assert tuple(table.colnames) == PROVENANCE_COLUMNS
+        assert set(table.colnames) == set(PROVENANCE_COLUMNS)
         assert table.description == "Stage runs that produced this file."
         assert len(table) == 2
         rows = read_provenance(io.read())
@@ -150,7 +195,7 @@ def test_roundtrip_provenance(nwb_path):
         assert row["inputs"] == list(record.inputs)
         assert row["outputs"] == list(record.outputs)
         for name in ("stage", "software", "software_version", "git_revision", "start_time_utc",
-                     "end_time_utc", "host", "device", "flow_run_id", "task_run_id"):
+                     "end_time_utc", "host", "device", "flow_run_id", "task_run_id", "status", "error"):
             assert row[name] == getattr(record, name), name
 
 

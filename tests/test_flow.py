@@ -72,16 +72,18 @@ def test_flow_completes_on_the_server_and_leaves_input_unchanged(processed, smal
         run = client.read_flow_run(flow_run_id)
         assert run.state.is_completed()
         task_runs = client.read_task_runs()
-        names = {t.name.split("-")[0] for t in task_runs if t.flow_run_id == flow_run_id}
-    assert {"preprocess", "peaks", "motion", "sorting", "write"} <= names
+        names = {t.name for t in task_runs if t.flow_run_id == flow_run_id}
+    series = "acquisition/ElectricalSeries"  # stage task runs are named by stage and series
+    assert {f"{stage} {series}" for stage in ("preprocess", "peaks", "motion", "sorting")} <= names
+    assert any(name.startswith("write-back") for name in names)
 
 
 def test_provenance_rows_name_the_flow_run_inputs_and_outputs(processed, small_session):
     flow_run_id = str(processed["state"].state_details.flow_run_id)
     with open_session(small_session) as session:
         series = session.select_ephys(None)
-        expected_input = {"file": str(small_session.resolve()), "object": series.object_path,
-                          "sha256": series.content_hash()}
+        expected_input = {"file": small_session.name, "identifier": session.identifier,
+                          "object": series.object_path, "sha256": series.content_hash()}
     with NWBHDF5IO(str(processed["out"]), "r") as io:
         rows = read_provenance(io.read())
     assert [r["stage"] for r in rows] == ["preprocess", "peaks", "motion", "sorting", "calcium"]  # calcium: the ROIs
@@ -92,6 +94,10 @@ def test_provenance_rows_name_the_flow_run_inputs_and_outputs(processed, small_s
             assert row["inputs"] == [expected_input]
         assert row["start_time_utc"] <= row["end_time_utc"]
         assert row["device"] == "cpu" and row["software"] == "nwbflow"
+        assert (row["status"], row["error"]) == ("completed", "")
+        assert all(not output.startswith("/") for output in row["outputs"])  # NWB object paths, no host paths
+        assert (row["status"], row["error"]) == ("completed", "")
+        assert all(not output.startswith("/") for output in row["outputs"])  # NWB object paths, no host paths
     execution = {"device": "cpu", "threads": None, "seed": 0, "stage_timeout_s": None}  # the policy, in every row
     assert rows[0]["parameters"] == {**PreprocessParams().model_dump(mode="json"),
                                      "execution": {**execution, "chunk": 1.0}}
@@ -103,7 +109,9 @@ def test_provenance_rows_name_the_flow_run_inputs_and_outputs(processed, small_s
     assert layout.MOTION_PATH in rows[2]["outputs"]
 
 
-def test_motion_estimate_is_in_the_file_linked_to_its_series(processed, small_session):
+def test_motion_estimate_names_its_series_in_the_raw_file(processed, small_session):
+    """The processed file is lean (no raw samples): the estimate names its series by the raw file's identifier
+    and object path; the link to the series is there only in a self-contained copy (tests/test_write.py)."""
     motion = next(s for s in processed["summary"]["stages"] if s["stage"] == "motion")
     with np.load(motion["artifacts"]["motion"]) as saved:
         expected = {key: saved[key] for key in ("displacement_um", "time_bins_s", "depth_bins_um")}
@@ -115,8 +123,10 @@ def test_motion_estimate_is_in_the_file_linked_to_its_series(processed, small_se
         np.testing.assert_array_equal(estimate.depth_bin_centers[:], expected["depth_bins_um"])
         assert (estimate.method, estimate.direction, estimate.displacement__unit) == ("medicine", "y", "um")
         with open_session(small_session) as session:
-            series_name = session.select_ephys(None).object_path.split("/")[-1]
-        assert estimate.source_electrical_series is nwbfile.acquisition[series_name]
+            series_path, identifier = session.select_ephys(None).object_path, session.identifier
+        assert (estimate.source_file_identifier, estimate.source_object_path) == (identifier, series_path)
+        assert estimate.source_electrical_series is None
+        assert series_path.split("/")[-1] not in nwbfile.acquisition  # the bulk data stayed in the raw file
     assert Path(motion["artifacts"]["figure"]).stat().st_size > 10_000
     corrected = Path(motion["artifacts"]["corrected"])
     preprocessed = next(s for s in processed["summary"]["stages"] if s["stage"] == "preprocess")

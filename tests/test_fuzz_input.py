@@ -70,14 +70,15 @@ def run_pipeline_part(nwb_path: str, workdir: str) -> tuple[str, str, str]:
         check_input(nwb_path, params)
         plan = plan_session(nwb_path, params, workdir)
         with open_session(plan.nwb_path) as session:
-            if plan.ephys is not None:
-                series = session.select_ephys(plan.ephys.object)
-                result = preprocess_to_binary(series, params.preprocess, Path(workdir) / "pre.bin")
-                for batch in iter_peaks(result.open(), series.channel_positions_um, params.peaks,
-                                        whitening_inverse=result.whitening_inverse):
-                    series.sample_times_s(batch["sample_index"])
-            if plan.ophys is not None:
-                session.read_roi_traces(session.roi_info(plan.ophys.object).object_path)
+            for planned in plan.series:
+                if planned.kind == "ephys":
+                    series = session.select_ephys(planned.object)
+                    result = preprocess_to_binary(series, params.preprocess, Path(workdir) / "pre.bin")
+                    for batch in iter_peaks(result.open(), series.channel_positions_um, params.peaks,
+                                            whitening_inverse=result.whitening_inverse):
+                        series.sample_times_s(batch["sample_index"])
+                else:
+                    session.read_roi_traces(session.roi_info(planned.object).object_path)
     except NwbflowError as exc:
         return "error", type(exc).__name__, str(exc)
     except Exception as exc:  # the thing this test looks for: report it with its traceback

@@ -159,3 +159,18 @@ def test_ledger_updates_from_concurrent_runs_are_all_kept(tmp_path):
         thread.join(120)
     ledger = read_ledger(tmp_path)
     assert len(ledger) == 100 and {entry["key"] for entry in ledger.values()} == set("abcd")
+
+
+def test_a_partial_session_is_reported_once_then_left_until_it_changes(prefect_server, tmp_path):
+    """One probe of two fails: the session is written with the other, reported failed that night, and not
+    retried on the same data every night after (it would fail the same way)."""
+    from lab_writers import write_two_probe_session
+
+    write_two_probe_session(tmp_path / "probes.nwb", nan_in_probe=1)
+    with pytest.raises(NwbflowError, match="1 session"):
+        nightly(str(tmp_path), params=CHEAP)
+    entry = read_ledger(tmp_path / "processed")["probes.nwb"]
+    assert entry["partial"] == ["acquisition/ElectricalSeriesAPImec1"]
+    assert (tmp_path / "processed" / "probes_processed.nwb").is_file()
+    again = nightly(str(tmp_path), params=CHEAP)
+    assert (again["skipped"], again["failed"]) == (["probes.nwb"], [])

@@ -46,7 +46,8 @@ def _task_states(state) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs()
     flow_run_id = state.state_details.flow_run_id
-    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.flow_run_id == flow_run_id}
+    # stage task runs are named "<stage> <series>", the others "<task>-<suffix>"
+    return {r.name.split(" ")[0].rsplit("-", 1)[0]: r.state.name for r in runs if r.flow_run_id == flow_run_id}
 
 
 def test_killed_run_resumes_recomputing_only_unfinished_stages(prefect_server, long_session, tmp_path):
@@ -104,7 +105,7 @@ def _run_preprocess_task(small_session, workdir):
 
     @flow
     def run():
-        return task(plan.spec("preprocess", PARAMS, {}), PARAMS.preprocess, {})
+        return task(plan.spec(plan.series[0], "preprocess", PARAMS, {}), PARAMS.preprocess, {})
 
     return run()
 
@@ -172,7 +173,7 @@ def test_cuda_stage_holds_the_gpu_slot(prefect_server, tmp_path):
 
     spec = StageSpec.build("preprocess", workdir=tmp_path, nwb_path="x.nwb", file_identity={}, series="acquisition/x",
                            parameters={}, policy=ExecutionPolicy(), device="cuda:0",
-                           inputs=(SeriesInput("x.nwb", "acquisition/x", "sha256:0"),))
+                           inputs=(SeriesInput("x.nwb", "raw-1", "acquisition/x", "sha256:0"),))
     with get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
         with StageRun(spec) as run:

@@ -22,14 +22,16 @@ from conftest import sha256_of
 from nwbflow.errors import BadInputError
 from nwbflow.nwb_io import layout
 from nwbflow.nwb_io.provenance import ProvenanceRecord, read_provenance
-from nwbflow.nwb_io.write import PeaksForNwb, SessionResults, write_processed
+from nwbflow.nwb_io.results import MotionForNwb, PeaksForNwb, SessionResults
+from nwbflow.nwb_io.validate import validate_file
+from nwbflow.nwb_io.write import check_target, write_processed
 
 
 def _record(stage: str) -> ProvenanceRecord:
     return ProvenanceRecord(stage=stage, parameters=json.dumps({"threshold_mad": 5.0}),
-                            inputs=({"file": "in.nwb", "object": "acquisition/ElectricalSeries",
+                            inputs=({"file": "in.nwb", "identifier": "raw-1", "object": "acquisition/ElectricalSeries",
                                      "sha256": "sha256:abc"},),
-                            outputs=("work/peaks.parquet",), start_time_utc="2026-01-01T00:00:00+00:00",
+                            outputs=("processing/ecephys/peaks",), start_time_utc="2026-01-01T00:00:00+00:00",
                             end_time_utc="2026-01-01T00:00:01+00:00", host="test", device="cpu",
                             flow_run_id="flow-1", task_run_id="task-1")
 
@@ -46,7 +48,8 @@ def _write_input(path: Path, num_samples: int = 3000, num_channels: int = 8) -> 
 def test_processed_file_has_new_ids_provenance_and_input_is_unchanged(tmp_path):
     src = _write_input(tmp_path / "in.nwb")
     before = sha256_of(src)
-    out = write_processed(src, tmp_path / "out.nwb", SessionResults((_record("preprocess"), _record("peaks"))))
+    out = write_processed(src, tmp_path / "out.nwb", SessionResults((_record("preprocess"), _record("peaks"))),
+                          copy_raw=True).path
     assert sha256_of(src) == before
     with NWBHDF5IO(str(src), "r") as io_in, NWBHDF5IO(str(out), "r") as io_out:
         raw, processed = io_in.read(), io_out.read()
@@ -72,9 +75,9 @@ def test_peaks_written_as_events_table(tmp_path):
                       "x_um": np.array([0.0, 16.0], dtype=np.float32),
                       "y_um": np.array([20.0, 60.0], dtype=np.float32)})
     pq.write_table(peaks, tmp_path / "peaks.parquet")
-    results = SessionResults((_record("peaks"),), peaks=PeaksForNwb(
-        tmp_path / "peaks.parquet", "acquisition/ElectricalSeries", 30000.0, "µV"))
-    out = write_processed(src, tmp_path / "out.nwb", results)
+    results = SessionResults((_record("peaks"),), peaks=(PeaksForNwb(
+        tmp_path / "peaks.parquet", "acquisition/ElectricalSeries", 30000.0, "µV"),))
+    out = write_processed(src, tmp_path / "out.nwb", results).path
     with NWBHDF5IO(str(out), "r") as io:
         table = io.read().processing[layout.ECEPHYS_MODULE][layout.PEAKS]
         np.testing.assert_allclose(table["timestamp"][:], [10 / 30000.0, 200 / 30000.0])
@@ -86,14 +89,14 @@ def test_peaks_written_as_events_table(tmp_path):
 def test_refuses_to_overwrite_input_and_missing_directory(tmp_path):
     src = _write_input(tmp_path / "in.nwb")
     with pytest.raises(BadInputError, match="input"):
-        write_processed(src, src, SessionResults((_record("peaks"),)))
+        check_target(src, src)
     with pytest.raises(BadInputError, match="does not exist"):
-        write_processed(src, tmp_path / "missing" / "out.nwb", SessionResults((_record("peaks"),)))
+        check_target(src, tmp_path / "missing" / "out.nwb")
 
 
 def test_refuses_an_already_processed_input(tmp_path):
     src = _write_input(tmp_path / "in.nwb")
-    once = write_processed(src, tmp_path / "once.nwb", SessionResults((_record("peaks"),)))
+    once = write_processed(src, tmp_path / "once.nwb", SessionResults((_record("peaks"),))).path
     with pytest.raises(BadInputError, match="processing/nwbflow/provenance"):
         write_processed(once, tmp_path / "twice.nwb", SessionResults((_record("peaks"),)))
 
@@ -101,10 +104,12 @@ def test_refuses_an_already_processed_input(tmp_path):
 WRITER = textwrap.dedent("""
     import sys
     from nwbflow.nwb_io.provenance import ProvenanceRecord
-    from nwbflow.nwb_io.write import SessionResults, write_processed
+    from nwbflow.nwb_io.results import SessionResults
+    from nwbflow.nwb_io.write import write_processed
     rows = tuple(ProvenanceRecord(stage=s, parameters="{}", inputs=(), outputs=(), start_time_utc="", end_time_utc="",
                                   host="test", device="cpu") for s in ("preprocess", "peaks"))
-    write_processed(sys.argv[1], sys.argv[2], SessionResults(rows))
+    # A self-contained copy: the 25 MB of samples make the export long enough to be killed in the middle.
+    write_processed(sys.argv[1], sys.argv[2], SessionResults(rows), copy_raw=True)
 """)
 
 

@@ -5,7 +5,9 @@ object and fix; a traceback only with ``--debug``), 1 any other failure;
 ``dandi-prep`` exits 3 when it ran but some file would be refused by
 ``dandi upload`` (the report says which and how to fix it); ``run`` exits 4
 when another nwbflow run is writing the same output (its lock file is held):
-nothing was done, try again once that run ended or choose another output.
+nothing was done, try again once that run ended or choose another output;
+``run`` exits 5 when some series (probe, imaging plane) failed and others did
+not: the output holds the others' results, the failed ones are named.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ import traceback
 from pathlib import Path
 
 from nwbflow import __version__
-from nwbflow.errors import BadInputError, OutputBusyError
+from nwbflow.errors import BadInputError, OutputBusyError, PartialResultsError
 from nwbflow.params import STAGE_ORDER
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_BLOCKED, EXIT_BUSY = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_BLOCKED, EXIT_BUSY, EXIT_PARTIAL = 0, 1, 2, 3, 4, 5
 
 
 def main(argv: list[str] | None = None) -> int:
     # Library logs (logging.getLogger("nwbflow...")) go to Prefect's handlers and the UI.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nwbflow")
+    # ... and records logged outside a flow run (the pre-flight check of `run`) only to the console,
+    # without Prefect's "attempted to send logs to the API without a flow run id" warning each time.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry errors
     parser = _parser()
     args = parser.parse_args(argv)
@@ -141,7 +146,12 @@ def _run(args: argparse.Namespace) -> int:
     input_path = Path(args.input)
     check_input(input_path, params)  # bad input fails here, before Prefect starts
     check_output(input_path, args.output)
-    summary = process_session(str(input_path), args.output, params, args.workdir)
+    try:
+        summary = process_session(str(input_path), args.output, params, args.workdir)
+    except PartialResultsError as exc:
+        print(stage_table(exc.summary))
+        print(f"nwbflow: partial: {exc}", file=sys.stderr)
+        return EXIT_PARTIAL
     print(stage_table(summary))
     return EXIT_OK
 

@@ -61,6 +61,26 @@ class OutputWriteError(NwbflowError):
     """Writing an output failed (disk full, quota, I/O error); nothing partial was left, the input is unchanged."""
 
 
+class PartialResultsError(NwbflowError):
+    """Some series of a session failed and the others did not: the processed file was written with what
+    succeeded, a provenance row per failed series says why (CLI exit code 5; nightly retries the session
+    only when its file or parameters change).
+
+    Parameters
+    ----------
+    summary : the run's summary (``process_session``'s), with ``failed``: series, stage and error of each.
+    """
+
+    def __init__(self, summary: dict):
+        self.summary = summary
+        failed = "; ".join(f"{f['series']} ({f['stage']}: {f['error']})" for f in summary["failed"])
+        super().__init__(f"{len(summary['failed'])} series failed: {failed}; {summary['output']} holds the "
+                         "others' results")
+
+    def __reduce__(self):
+        return (type(self), (self.summary,))
+
+
 class OutputBusyError(NwbflowError):
     """Another nwbflow run holds the output's lock: nothing was done; not retried (CLI exit code 4).
 

@@ -229,16 +229,22 @@ class CalciumParams(_Params):
         "cnn", description="'cnn': the shipped network (nwbflow.ophys); 'ar1': non-negative AR(1) deconvolution.")
     model: str = Field(CALCIUM_MODEL, min_length=1, max_length=100,
                        description="Name of the shipped network (method 'cnn').")
-    roi_series: str | None = Field(
-        None, description="Object path of the RoiResponseSeries to read (e.g. "
-                          "'processing/ophys/Fluorescence/RoiResponseSeries'); default: the only one that is not "
-                          "a neuropil trace or an nwbflow result.")
+    roi_series: tuple[str, ...] | str | None = Field(
+        None, description="Object path(s) of the RoiResponseSeries to read (e.g. "
+                          "'processing/ophys/Fluorescence/RoiResponseSeries'); default: each segmentation's traces, "
+                          "chosen by role (README: which ROI series).")
     input_kind: Literal["auto", "fluorescence", "dff"] = Field(
         "auto", description="What the series holds: raw fluorescence (ΔF/F is computed) or ΔF/F already; 'auto': "
                             "ΔF/F when it sits in a DfOverF container, else fluorescence.")
     neuropil_series: str | None = Field(
         None, description="Object path of a RoiResponseSeries of neuropil traces of the same ROIs, subtracted "
-                          "(times neuropil_coefficient) before ΔF/F; only with raw fluorescence.")
+                          "(times neuropil_coefficient) before ΔF/F; only with raw fluorescence and one ROI "
+                          "series. Default: the neuropil series of the traces' container, when there is one.")
+    @field_validator("roi_series", mode="before")
+    @classmethod
+    def _one_or_several(cls, value):
+        return (value,) if isinstance(value, str) else value
+
     neuropil_coefficient: float = Field(0.7, ge=0, le=2,
                                         description="F - coefficient x neuropil (unitless).")
     baseline_window_s: float = Field(60.0, gt=1, le=3600,
@@ -294,6 +300,10 @@ class ExecutionPolicy(_Params):
     stage_timeout_s: float | None = Field(
         None, gt=0, description="Stop a stage that runs longer than this (s); checked between chunks. "
                                 "Default: no limit.")
+    series_at_once: int = Field(
+        1, ge=1, le=64, description="Series (probes, imaging planes) processed at once, each its own chain of "
+                                    "stages; on CUDA each stage holds a 'gpu' slot. Torch's CPU threads are "
+                                    "one pool per process: on the CPU, leave 1.")
 
     def chunk(self, stage: str) -> float | int:
         """The chunk size of ``stage`` (s; calcium: windows); None for stages that do not stream (motion's fit)."""
@@ -311,15 +321,26 @@ class ExecutionPolicy(_Params):
                 "stage_timeout_s": self.stage_timeout_s}
 
 
+class WriteParams(_Params):
+    """What the processed file holds besides the results."""
+
+    copy_raw: bool = Field(
+        False, description="Also copy the bulk acquisition data (every continuous ElectricalSeries, raw or LFP, "
+                           "and imaging stacks such as TwoPhotonSeries) for a self-contained file; default: a lean "
+                           "file naming them by the raw file's identifier and object path.")
+
+
 class SessionParams(_Params):
     """What `process_session` runs on one NWB file."""
 
     stages: tuple[StageName, ...] | None = Field(
         None, description="Stages to run; default: every built stage that applies to the file's content.")
-    electrical_series: str | None = Field(
-        None, description="Object path of the ElectricalSeries to process (e.g. 'acquisition/ElectricalSeriesAP'); "
-                          "default: the only raw-band series.")
+    electrical_series: tuple[str, ...] | str | None = Field(
+        None, description="Object path(s) of the ElectricalSeries to process (e.g. "
+                          "'acquisition/ElectricalSeriesAPImec0'); default: every one sampled at >= 10 kHz (each "
+                          "probe's raw band; LFP bands are skipped).")
     execution: ExecutionPolicy = Field(default_factory=ExecutionPolicy)
+    write: WriteParams = Field(default_factory=WriteParams)
     preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
     peaks: PeakParams = Field(default_factory=PeakParams)
     motion: MotionParams = Field(default_factory=MotionParams)
@@ -330,6 +351,11 @@ class SessionParams(_Params):
     @classmethod
     def _stages_in_order(cls, stages: tuple[str, ...] | None) -> tuple[str, ...] | None:
         return None if stages is None else tuple(s for s in STAGE_ORDER if s in stages)
+
+    @field_validator("electrical_series", mode="before")
+    @classmethod
+    def _one_or_several(cls, value):
+        return (value,) if isinstance(value, str) else value
 
 
 def load_session_params(path: str | Path | None, *, stages: list[str] | None = None,

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     """Left-aligned columns separated by two spaces, with a rule under the header."""
@@ -15,16 +12,22 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def stage_table(summary: dict) -> str:
-    """Stage, seconds, counts and what each stage wrote, from ``process_session``'s summary.
-
-    Artifact paths are shown relative to the work directory, which is printed once.
-    """
-    workdir = Path(summary["workdir"])
+    """Stage, series, seconds and counts of ``process_session``'s summary, each series' work directory
+    (where its artifacts are: ``done.json`` in each stage's folder lists them), then what went wrong."""
+    several = len({stage["series"] for stage in summary["stages"]}) > 1
     rows = []
     for stage in summary["stages"]:
-        counts = ", ".join(f"{k}={v}" for k, v in stage["summary"].items())
-        wrote = ", ".join(os.path.relpath(p, workdir) for p in stage["artifacts"].values())
-        rows.append([stage["stage"], f"{stage['seconds']:.2f}", counts, wrote])
-    rows.append(["write-back", f"{summary['write_seconds']:.2f}", f"provenance rows={len(summary['stages'])}",
-                 summary["output"]])
-    return f"work directory: {workdir}\n" + format_table(["stage", "seconds", "counts", "wrote"], rows)
+        counts = ", ".join(f"{k}={v}" for k, v in stage["summary"].items() if k != "model_sha256")
+        rows.append([stage["stage"], stage["label"] or stage["series"].rsplit("/", 1)[-1], f"{stage['seconds']:.2f}",
+                     counts])
+    rows.append(["write-back", "", f"{summary['write_seconds']:.2f}", f"wrote {summary['output']}"])
+    header = ["stage", "series", "seconds", "counts"]
+    if not several:
+        header, rows = [header[0], *header[2:]], [[row[0], *row[2:]] for row in rows]
+    lines = [f"work directory ({series['object']}): {series['workdir']}" for series in summary["series"]]
+    lines.append(format_table(header, rows))
+    lines += [f"left out of the processed file (in the raw file): {', '.join(summary['dropped'])}"] \
+        if summary.get("dropped") else []
+    lines += [f"warning: the input's own problem, kept as it was: {finding}" for finding in summary["input_findings"]]
+    lines += [f"FAILED: {f['series']} in {f['stage']}: {f['error']}" for f in summary["failed"]]
+    return "\n".join(lines)

@@ -39,12 +39,13 @@ from pynwb.spec import (
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "ndx-nwbflow"
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 NAMESPACE_FILE = f"{NAMESPACE}.namespace.yaml"
 EXTENSIONS_FILE = f"{NAMESPACE}.extensions.yaml"
 SPEC_DIR = Path(__file__).resolve().parent / "spec"
 
-# (column name, is a list per row, doc) in table order; every column is text.
+# (column name, is a list per row, doc) in table order; every column is text. The columns of
+# _OPTIONAL_COLUMNS are optional in the spec (those added after 0.1.0, so that files written by 0.1.0 still read).
 # Structured facts are unpacked into list-valued (ragged) columns rather than
 # JSON objects: nwbinspector flags dictionaries held in table strings
 # (``check_table_values_for_dict``, a BEST_PRACTICE_VIOLATION).
@@ -63,12 +64,16 @@ _PROVENANCE_COLUMN_DOCS: tuple[tuple[str, bool, str], ...] = (
                               "in the names); nested parameters are joined with '.'."),
     ("parameter_values", True, "Value of each parameter in parameter_names, as JSON text "
                                "(a number, string, boolean, null or list)."),
-    ("input_files", True, "Path of the file holding each input of the stage."),
+    ("input_files", True, "Name (not path: the file is published) of the file holding each input of the "
+                          "stage."),
+    ("input_identifiers", True, "NWB identifier of the file holding each input (NWBFile.identifier), which "
+                                "names the input file across copies and renames."),
     ("input_objects", True, "Object path of each input inside its file, e.g. "
                             "'acquisition/ElectricalSeries'."),
     ("input_sha256", True, "Content hash of each input's data, 'sha256:<hex>'."),
-    ("outputs", True, "Outputs of the stage: NWB object paths written to this file and/or "
-                      "paths of work-directory artifacts."),
+    ("outputs", True, "NWB object paths this stage's results were written to in this file (work-directory "
+                      "artifacts are recorded in the work directory, not here). Absent when no row has any "
+                      "(e.g. every stage's result was skipped): an empty list column trips some readers."),
     ("start_time_utc", False, "Wall-clock time the stage run started, ISO 8601 text in UTC, "
                               "e.g. '2024-05-01T12:00:00.000000+00:00' (not seconds on the "
                               "session clock)."),
@@ -81,7 +86,13 @@ _PROVENANCE_COLUMN_DOCS: tuple[tuple[str, bool, str], ...] = (
                            "empty string when not run under Prefect."),
     ("task_run_id", False, "Prefect task-run id (UUID text) of the stage; "
                            "empty string when not run under Prefect."),
+    ("status", False, "'completed', or 'failed' for a stage whose series failed (its results are not in this "
+                      "file; the other series' are)."),
+    ("error", False, "Why the stage failed (the error's type and message); empty string when completed."),
 )
+#: Columns optional in the spec: those added after version 0.1.0, and ``outputs`` (left out when every row's
+#: list is empty: a ragged column with no values at all crashes nwbinspector's table checks, issue #712).
+_OPTIONAL_COLUMNS = ("input_identifiers", "status", "error", "outputs")
 
 
 def provenance_table_spec() -> NWBGroupSpec:
@@ -90,16 +101,19 @@ def provenance_table_spec() -> NWBGroupSpec:
     Returns
     -------
     NWBGroupSpec
-        A ``DynamicTable`` subtype whose columns are all required text
-        ``VectorData`` in the order of ``_PROVENANCE_COLUMN_DOCS``; list-valued
-        columns have a ``<name>_index`` ``VectorIndex``.
+        A ``DynamicTable`` subtype whose columns are text ``VectorData`` in the
+        order of ``_PROVENANCE_COLUMN_DOCS``, required but for ``_OPTIONAL_COLUMNS``;
+        list-valued columns have a ``<name>_index`` ``VectorIndex``.
     """
     datasets = []
     for name, ragged, doc in _PROVENANCE_COLUMN_DOCS:
-        datasets.append(NWBDatasetSpec(name=name, neurodata_type_inc="VectorData", dtype="text", doc=doc))
+        quantity = "?" if name in _OPTIONAL_COLUMNS else 1
+        datasets.append(NWBDatasetSpec(name=name, neurodata_type_inc="VectorData", dtype="text", doc=doc,
+                                       quantity=quantity))
         if ragged:
             datasets.append(NWBDatasetSpec(name=f"{name}_index", neurodata_type_inc="VectorIndex",
-                                           doc=f"Index into the {name} column: one list per row."))
+                                           doc=f"Index into the {name} column: one list per row.",
+                                           quantity=quantity))
     return NWBGroupSpec(
         neurodata_type_def="ProvenanceTable",
         neurodata_type_inc="DynamicTable",
@@ -157,12 +171,19 @@ def motion_estimate_spec() -> NWBGroupSpec:
                              "(usually 'y', the depth axis)."),
         NWBAttributeSpec(name="description", dtype="text",
                          doc="Free-text description of this motion estimate."),
+        NWBAttributeSpec(name="source_file_identifier", dtype="text", required=False,
+                         doc="NWB identifier (NWBFile.identifier) of the file holding the ElectricalSeries the "
+                             "motion was estimated from: the raw file, which a processed file does not copy."),
+        NWBAttributeSpec(name="source_object_path", dtype="text", required=False,
+                         doc="Object path of that ElectricalSeries in that file, e.g. "
+                             "'acquisition/ElectricalSeriesAP'."),
     ]
     source = NWBLinkSpec(
         name="source_electrical_series",
         target_type="ElectricalSeries",
         quantity="?",
-        doc="The ElectricalSeries whose spikes the motion was estimated from.",
+        doc="The ElectricalSeries whose spikes the motion was estimated from, when this file holds it (a "
+            "self-contained copy); source_file_identifier and source_object_path name it in any case.",
     )
     return NWBGroupSpec(
         neurodata_type_def="MotionEstimate",

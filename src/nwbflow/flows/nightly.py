@@ -6,7 +6,10 @@ parameters (the deployment's, overlaid with an optional per-session
 output is gone. What was done is recorded in ``<out_dir>/.nwbflow-nightly.json``
 (written atomically after each session), so a crashed night resumes where it
 stopped; failures do not stop the other sessions, and the run ends Failed
-naming them.
+naming them. A session some of whose series (probes, imaging planes) failed is
+written with the others' results and recorded as partial: reported failed that
+night, then left alone until its file or parameters change (a retry on the
+same data would fail the same way).
 
 Several nightly runs over one root at once (two workers, an overlapping
 schedule) process each session once in total: a run claims a session by its
@@ -33,7 +36,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from nwbflow import __version__
-from nwbflow.errors import BadInputError, NwbflowError, OutputBusyError
+from nwbflow.errors import BadInputError, NwbflowError, OutputBusyError, PartialResultsError
 from nwbflow.flows.session import process_session
 from nwbflow.locks import exclusive_lock, output_lock
 from nwbflow.params import SessionParams
@@ -158,10 +161,14 @@ def _process_if_changed(root: Path, out_dir: Path, nwb_path: Path, base: Session
             return "busy"
         if _up_to_date(out_dir, relative, key, target):  # another run finished it since the first look
             return "skipped"
-        process_session(str(nwb_path), str(target), params, workdir or str(out_dir / ".nwbflow-work"))
-        record_in_ledger(out_dir, relative, {"key": key, "output": str(target), "nwbflow": __version__,
-                                             "processed_utc": datetime.now(UTC).isoformat(),
-                                             "flow_run_id": str(flow_run.id or "")})
+        entry = {"key": key, "output": str(target), "nwbflow": __version__,
+                 "processed_utc": datetime.now(UTC).isoformat(), "flow_run_id": str(flow_run.id or "")}
+        try:
+            process_session(str(nwb_path), str(target), params, workdir or str(out_dir / ".nwbflow-work"))
+        except PartialResultsError as exc:  # written with what succeeded: retried once its file or params change
+            record_in_ledger(out_dir, relative, {**entry, "partial": [f["series"] for f in exc.summary["failed"]]})
+            raise
+        record_in_ledger(out_dir, relative, entry)
     return "processed"
 
 

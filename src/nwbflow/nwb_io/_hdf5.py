@@ -31,6 +31,8 @@ CORE_PARENTS = {
     "SpikeEventSeries": "ElectricalSeries",
     "RoiResponseSeries": "TimeSeries",
     "TimeSeries": "NWBDataInterface",
+    "Fluorescence": "NWBDataInterface",
+    "DfOverF": "NWBDataInterface",
 }
 
 CONVERT_FIX = "re-export the file with a current NWB writer (pynwb, NeuroConv, MatNWB)"
@@ -390,3 +392,25 @@ def _load_hdf5plugin() -> bool:
     except ImportError:
         return False
     return True
+
+
+def text_values(path: str | Path) -> list[str]:
+    """Every text value of the HDF5 file at ``path``: string datasets and attributes, bytes decoded (where
+    a host path or other leaked text would hide; checked by the tests and ``benchmarks/real_nwb.py``)."""
+    found: list[str] = []
+
+    def collect(value) -> None:
+        for item in np.asarray(value, dtype=object).reshape(-1):
+            if isinstance(item, bytes | str):
+                found.append(item.decode(errors="replace") if isinstance(item, bytes) else item)
+
+    def visit(_name, obj) -> None:
+        for value in obj.attrs.values():
+            collect(value)
+        if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "OSU":
+            collect(obj[()])
+
+    with _open_read_only(Path(path)) as handle:
+        collect(list(handle.attrs.values()))
+        handle.visititems(visit)
+    return found

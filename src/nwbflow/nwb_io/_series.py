@@ -27,8 +27,26 @@ log = logging.getLogger(__name__)
 TIMESTAMP_CHUNK = 1 << 20
 
 #: A timestamped series is "regular" when every interval lies within this
-#: fraction of the median interval (the median of the first block).
+#: fraction of the median interval (the median of the first block). An irregular one (gaps, a jittery
+#: host clock) is still processed, at 1 / median interval, its times taken from the timestamps; the
+#: irregularity is logged once and noted in provenance.
 TIMESTAMP_JITTER = 0.01
+
+#: (file, its mtime, object, what) already warned about in this process: a run opens its input in
+#: several stages, and one warning per file version is enough.
+_WARNED: set[tuple[str, int, str, str]] = set()
+
+
+def warn_once(path: Path, obj: str, what: str, message: str, *args) -> None:
+    """``log.warning(message, *args)`` unless ``what`` was already reported for ``obj`` of this version of
+    ``path`` in this process."""
+    try:
+        seen = (str(path.resolve()), path.stat().st_mtime_ns, obj, what)
+    except OSError:
+        seen = (str(path), 0, obj, what)
+    if seen not in _WARNED:
+        _WARNED.add(seen)
+        log.warning(message, *args)
 
 #: Pitch (µm) of the vertical line of fallback positions when rel_x/rel_y are missing.
 FALLBACK_PITCH_UM = 20.0
@@ -49,11 +67,13 @@ class Clock:
     rate_hz : sampling rate in Hz (from ``starting_time@rate``, or 1 / median interval).
     starting_time_s : time of sample 0 in seconds on the session clock.
     timestamps : the ``timestamps`` dataset (seconds), or None for a rate-based series.
+    irregular : how the timestamps stray from a regular clock (gaps, jitter), or "" when they do not.
     """
 
     rate_hz: float
     starting_time_s: float
     timestamps: h5py.Dataset | None
+    irregular: str = ""
 
 
 def read_clock(group: h5py.Group, num_samples: int, *, path: Path, obj: str) -> Clock:
@@ -67,8 +87,11 @@ def read_clock(group: h5py.Group, num_samples: int, *, path: Path, obj: str) -> 
             raise BadInputError(f"timestamps have shape {timestamps.shape} but data has "
                                 f"{num_samples} samples", path=path, obj=f"{obj}/timestamps",
                                 fix="write one timestamp per sample")
-        rate = 1.0 / check_timestamps(timestamps, path=path, obj=f"{obj}/timestamps")
-        return Clock(rate, float(timestamps[0]), timestamps)
+        median, irregular = check_timestamps(timestamps, path=path, obj=f"{obj}/timestamps")
+        if irregular:
+            warn_once(path, obj, "irregular", "%s: %s: %s; processed as continuous samples at %g Hz, times taken "
+                      "from the timestamps", path, obj, irregular, 1.0 / median)
+        return Clock(1.0 / median, float(timestamps[0]), timestamps, irregular)
     if not isinstance(group.get("starting_time"), h5py.Dataset):
         raise BadInputError("has neither starting_time (with rate) nor timestamps",
                             path=path, obj=obj, fix="write a sampling rate or timestamps")
@@ -85,22 +108,37 @@ def read_clock(group: h5py.Group, num_samples: int, *, path: Path, obj: str) -> 
     return Clock(rate, float(value[0]), None)
 
 
+def imaging_rate_hz(segmentation: h5py.HLObject) -> float | None:
+    """The ``imaging_rate`` (Hz) of a PlaneSegmentation's ImagingPlane (a dataset, or an attribute for some
+    writers); None when absent or not a positive finite number."""
+    if not isinstance(segmentation, h5py.Group) or not isinstance(segmentation.get("imaging_plane"), h5py.Group):
+        return None
+    plane = segmentation["imaging_plane"]
+    value = plane["imaging_rate"][()] if isinstance(plane.get("imaging_rate"), h5py.Dataset) else \
+        plane.attrs.get("imaging_rate")
+    try:
+        rate = float(np.asarray(value).reshape(-1)[0])
+    except (TypeError, ValueError, IndexError):
+        return None
+    return rate if np.isfinite(rate) and rate > 0 else None
+
+
 def head_median_interval(timestamps: h5py.Dataset) -> float:
     """Median interval (s) of the first block of timestamps; a cheap rate estimate."""
     head = np.asarray(timestamps[:TIMESTAMP_CHUNK], dtype=np.float64)
     return float(np.median(np.diff(head))) if head.size > 1 else float("nan")
 
 
-def check_timestamps(timestamps: h5py.Dataset, *, path: Path, obj: str) -> float:
-    """Check timestamps block by block; return the median interval in seconds.
+def check_timestamps(timestamps: h5py.Dataset, *, path: Path, obj: str) -> tuple[float, str]:
+    """Check timestamps block by block: (median interval in s, irregularity or "").
 
-    Every value must be finite, strictly increasing, and every interval within
-    ``TIMESTAMP_JITTER`` (1 %) of the median interval of the first
-    ``TIMESTAMP_CHUNK`` values. Memory is bounded by one block.
+    Every value must be finite and strictly increasing (else BadInputError). Intervals more than
+    ``TIMESTAMP_JITTER`` (1 %) away from the median interval of the first ``TIMESTAMP_CHUNK`` values are
+    counted, not refused: the text says how many and the longest one. Memory is bounded by one block.
     """
-    fix = "write a regular, increasing time base (or a rate) for this series"
+    fix = "write increasing timestamps (or a rate) for this series"
     num, chunk = timestamps.shape[0], max(TIMESTAMP_CHUNK, 2)
-    median = None
+    median, strays, longest, longest_at = None, 0, 0.0, 0
     previous = np.empty(0)
     for start in range(0, num, chunk):
         block = np.asarray(timestamps[start:start + chunk], dtype=np.float64)
@@ -116,16 +154,15 @@ def check_timestamps(timestamps: h5py.Dataset, *, path: Path, obj: str) -> float
                                 f"{first + bad[0]} (step {steps[bad[0]]:.6g} s)",
                                 path=path, obj=obj, fix=fix)
         if median is None:
-            median = float(np.median(steps))
-        bad = np.flatnonzero(np.abs(steps - median) > TIMESTAMP_JITTER * median)
-        if bad.size:
-            raise BadInputError(
-                f"timestamps are irregular at sample {first + bad[0]}: interval "
-                f"{steps[bad[0]]:.6g} s vs median {median:.6g} s (tolerance "
-                f"{TIMESTAMP_JITTER:.0%}); gaps or jitter are not supported",
-                path=path, obj=obj, fix=fix + ", or split the recording at its gaps")
+            median = float(np.median(steps)) if steps.size else 1.0
+        strays += int(np.count_nonzero(np.abs(steps - median) > TIMESTAMP_JITTER * median))
+        if steps.size and steps.max() > longest:
+            longest, longest_at = float(steps.max()), first + int(np.argmax(steps))
         previous = block[-1:]
-    return median
+    irregular = "" if not strays else (
+        f"timestamps are irregular: {strays} of {num - 1} intervals differ from the median {median:.6g} s by more "
+        f"than {TIMESTAMP_JITTER:.0%} (longest {longest:.6g} s, ending at sample {longest_at})")
+    return median, irregular
 
 
 def read(dataset: h5py.Dataset, selection: slice, *, path: Path, obj: str) -> np.ndarray:
@@ -225,14 +262,19 @@ class ValueScan:
                         self.row, self.row, self.first_nan[0], self.column, self.first_nan[1])
 
 
-def content_hash(data: h5py.Dataset, read_rows, scan: ValueScan, block_bytes: int) -> str:
+def content_hash(data: h5py.Dataset, read_rows, scan: ValueScan, block_bytes: int, *,
+                 transposed: bool = False) -> str:
     """``"sha256:<hex>"`` of ``data``'s dtype, shape and bytes, read with ``read_rows(slice)`` in blocks of
     about ``block_bytes`` (whole HDF5 chunks, so the digest depends on neither the block size nor the
-    file's chunking or compression); every block also goes through ``scan``."""
+    file's chunking or compression); every block also goes through ``scan``. ``transposed``: ``data`` is
+    stored (columns, samples), ``read_rows`` gives (samples, columns) blocks, hashed in that order."""
     digest = hashlib.sha256()
-    digest.update(f"dtype={data.dtype.str};shape={data.shape};".encode())
-    rows = block_rows(data, block_bytes)
-    for start in range(0, data.shape[0], rows):
+    digest.update(f"dtype={data.dtype.str};shape={data.shape};{'transposed;' if transposed else ''}".encode())
+    if transposed:
+        num, rows = data.shape[1], max(1, block_bytes // (data.shape[0] * data.dtype.itemsize))
+    else:
+        num, rows = data.shape[0], block_rows(data, block_bytes)
+    for start in range(0, num, rows):
         block = read_rows(slice(start, start + rows))
         scan.update(start, block)
         digest.update(np.ascontiguousarray(block))
@@ -268,6 +310,15 @@ def check_range(start: int, end: int, num: int) -> tuple[int, int]:
     if not 0 <= start <= end <= num:
         raise IndexError(f"sample range [{start}, {end}) is outside [0, {num}]")
     return start, end
+
+
+def roi_data_transposed(num_rois: int, shape: tuple, *, path: Path, obj: str) -> bool:
+    """Whether ROI traces of ``shape`` are stored (ROIs, frames): the ``rois`` region's length matches the
+    first axis and not the second. BadInputError when it matches neither."""
+    if len(shape) == 2 and num_rois == shape[0] != shape[1]:
+        return True
+    check_columns(num_rois, shape, "rois", "ROIs", path=path, obj=obj)
+    return False
 
 
 def check_columns(region_len: int, shape: tuple, region: str, columns: str, *,

@@ -18,7 +18,9 @@ from nwbflow.nwb_io import layout
 @dataclass(frozen=True)
 class ProvenanceRecord:
     """One stage run. Times are ISO 8601 UTC; ``parameters`` is the resolved parameters as JSON;
-    ``inputs`` are ``{"file", "object", "sha256"}`` dicts."""
+    ``inputs`` are ``{"file", "identifier", "object", "sha256"}`` dicts (file: a name, never a host path);
+    ``outputs`` are object paths in the processed file; ``status`` is "completed" or "failed" (then
+    ``error`` says why)."""
 
     stage: str
     parameters: str
@@ -31,6 +33,8 @@ class ProvenanceRecord:
     flow_run_id: str = ""
     task_run_id: str = ""
     git_revision: str = ""
+    status: str = "completed"
+    error: str = ""
     software: str = layout.SOFTWARE_NAME
     software_version: str = __version__
 
@@ -40,10 +44,13 @@ class ProvenanceRecord:
         row = {
             "stage": self.stage, "software": self.software, "software_version": self.software_version,
             "git_revision": self.git_revision, "parameter_names": names, "parameter_values": values,
-            "input_files": [i["file"] for i in self.inputs], "input_objects": [i["object"] for i in self.inputs],
+            "input_files": [i["file"] for i in self.inputs],
+            "input_identifiers": [i.get("identifier", "") for i in self.inputs],
+            "input_objects": [i["object"] for i in self.inputs],
             "input_sha256": [i["sha256"] for i in self.inputs], "outputs": list(self.outputs),
             "start_time_utc": self.start_time_utc, "end_time_utc": self.end_time_utc, "host": self.host,
             "device": self.device, "flow_run_id": self.flow_run_id, "task_run_id": self.task_run_id,
+            "status": self.status, "error": self.error,
         }
         return row
 
@@ -76,18 +83,27 @@ def unflatten_parameters(names: list[str], values: list[str]) -> dict:
 
 
 def read_provenance(nwbfile) -> list[dict]:
-    """The provenance rows of an open NWBFile as dicts, parameters packed back into a dict."""
+    """The provenance rows of an open NWBFile as dicts, parameters packed back into a dict.
+
+    Files written before ndx-nwbflow 0.2.0 lack ``input_identifiers``, ``status`` and ``error``: their
+    rows read as completed, with empty identifiers. A table without ``outputs`` (no row had any) reads
+    as empty lists.
+    """
     module = nwbfile.processing.get(layout.PROVENANCE_MODULE)
     if module is None or layout.PROVENANCE_TABLE not in module.data_interfaces:
         return []
     table = module[layout.PROVENANCE_TABLE]
     rows = []
     for index in range(len(table)):
-        row = {column: table[column][index] for column in PROVENANCE_COLUMNS}
+        row = {column: table[column][index] for column in PROVENANCE_COLUMNS if column in table.colnames}
+        row.setdefault("status", "completed")
+        row.setdefault("error", "")
         row["parameters"] = unflatten_parameters(list(row.pop("parameter_names")),
                                                  list(row.pop("parameter_values")))
-        row["inputs"] = [{"file": f, "object": o, "sha256": h} for f, o, h in
-                         zip(row.pop("input_files"), row.pop("input_objects"), row.pop("input_sha256"))]
-        row["outputs"] = list(row["outputs"])
+        files = list(row.pop("input_files"))
+        identifiers = list(row.pop("input_identifiers", [""] * len(files)))
+        row["inputs"] = [{"file": f, "identifier": i, "object": o, "sha256": h} for f, i, o, h in
+                         zip(files, identifiers, row.pop("input_objects"), row.pop("input_sha256"))]
+        row["outputs"] = list(row.get("outputs", []))  # absent when no row has any
         rows.append(row)
     return rows

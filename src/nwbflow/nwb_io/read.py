@@ -35,12 +35,10 @@ import h5py
 import numpy as np
 
 from nwbflow.errors import BadInputError
-from nwbflow.nwb_io import _hdf5, _series
+from nwbflow.nwb_io import _hdf5, _series, roles
 
 log = logging.getLogger(__name__)
 
-#: ``select_ephys()`` picks the one ElectricalSeries sampled at least this fast (Hz).
-RAW_BAND_MIN_RATE_HZ = 10_000.0
 ELECTRODES_TABLE = "general/extracellular_ephys/electrodes"
 #: ``content_hash`` reads ``data`` in blocks of about this many bytes.
 HASH_BLOCK_BYTES = 32 << 20
@@ -78,7 +76,7 @@ def describe(path: str | Path) -> dict:
     ``electrical_series`` and ``roi_response_series`` (lists of dicts with
     ``object_path``, ``neurodata_type``, ``shape``, ``dtype``, ``rate_hz`` and
     ``problem``: None, or why the series cannot be read) and ``raw_band_series``
-    (the object path ``select_ephys()`` picks, or None).
+    (the object paths of the probes' raw bands a run processes).
     """
     with open_session(path) as session:
         summary = {"path": str(session.path), "identifier": session.identifier,
@@ -90,10 +88,7 @@ def describe(path: str | Path) -> dict:
                 ("roi_response_series", session.roi_paths(),
                  lambda p: session.roi_info(p).rate_hz)):
             summary[key] = [_summary(session, p, rate_of) for p in paths]
-        try:
-            summary["raw_band_series"] = session.select_ephys().object_path
-        except BadInputError:
-            summary["raw_band_series"] = None
+        summary["raw_band_series"] = roles.raw_band_paths(session)[0]
     return summary
 
 
@@ -127,6 +122,11 @@ class RoiSeriesInfo:
     rois_table_path : object path of that PlaneSegmentation.
     unit : ``data@unit`` as written.
     conversion, offset : ``data@conversion`` and ``data@offset`` (values read are data * conversion + offset).
+    rate_source : "series", or "imaging_plane" when the rate is the ImagingPlane's ``imaging_rate`` (the
+        series had no usable rate nor timestamps).
+    irregular : how its timestamps stray from a regular clock (gaps, jitter), or "".
+    transposed : the data is stored (ROIs, frames) (optinist writes it so); ``shape`` is as stored,
+        ``num_frames`` and ``num_rois`` as meant, and traces are read (frames, ROIs).
     """
 
     object_path: str
@@ -141,6 +141,9 @@ class RoiSeriesInfo:
     unit: str
     conversion: float = 1.0
     offset: float = 0.0
+    rate_source: str = "series"
+    irregular: str = ""
+    transposed: bool = False
 
 
 class NwbSession:
@@ -234,14 +237,35 @@ class NwbSession:
                                                    columns="rois")
             indices, table = _hdf5.region_indices(group, "rois", path=self.path, obj=object_path,
                                                   default_table=None)
-            _series.check_columns(indices.size, data.shape, "rois", "ROIs", path=self.path,
-                                  obj=object_path)
+            transposed = _series.roi_data_transposed(indices.size, data.shape, path=self.path, obj=object_path)
+            if transposed:
+                frames, rois = rois, frames
+                _series.warn_once(self.path, object_path, "transposed", "%s: %s: data is stored (ROIs, frames) = "
+                                  "%s, the transpose of NWB's (frames, ROIs); read as such", self.path, object_path,
+                                  data.shape)
             _hdf5.check_distinct_rows(table, indices, path=self.path, obj=f"{object_path}/rois")
-            clock = _series.read_clock(group, frames, path=self.path, obj=object_path)
+            clock, rate_source = self._roi_clock(group, frames, table, object_path)
             conversion, offset = _series.conversion_offset(data, path=self.path, obj=object_path)
             return RoiSeriesInfo(object_path, tuple(data.shape), frames, rois, clock.rate_hz,
                                  clock.starting_time_s, clock.timestamps is not None, indices,
-                                 table.name.lstrip("/"), _hdf5.attr_text(data, "unit"), conversion, offset)
+                                 table.name.lstrip("/"), _hdf5.attr_text(data, "unit"), conversion, offset,
+                                 rate_source, clock.irregular, transposed)
+
+    def _roi_clock(self, group: h5py.Group, frames: int, table: h5py.HLObject,
+                   object_path: str) -> tuple[_series.Clock, str]:
+        """The series' clock and where its rate came from: "series", or "imaging_plane" when the series has
+        no usable rate nor timestamps (CaImAn writes rate 0) and its ImagingPlane says ``imaging_rate``."""
+        try:
+            return _series.read_clock(group, frames, path=self.path, obj=object_path), "series"
+        except BadInputError as exc:
+            rate = _series.imaging_rate_hz(table) if "timestamps" not in group else None
+            if rate is None:
+                raise
+            _series.warn_once(self.path, object_path, "imaging_rate", "%s: %s: %s; using its ImagingPlane's "
+                              "imaging_rate, %g Hz", self.path, object_path, exc.message, rate)
+            start = np.asarray(group["starting_time"][()]).reshape(-1) if "starting_time" in group else [0.0]
+            start_s = float(start[0]) if len(start) == 1 and np.isfinite(float(start[0])) else 0.0
+            return _series.Clock(rate, start_s, None), "imaging_plane"
 
     def read_roi_traces(self, object_path: str, start_frame: int = 0,
                         end_frame: int | None = None) -> np.ndarray:
@@ -256,45 +280,42 @@ class NwbSession:
         end_frame = info.num_frames if end_frame is None else end_frame
         start, end = _series.check_range(start_frame, end_frame, info.num_frames)
         data = self._group(info.object_path)["data"]
-        values = _series.read(data, slice(start, end), path=self.path, obj=info.object_path)
-        values = values.reshape(end - start, info.num_rois).astype(np.float64)
+        values = self._frames(info, data, slice(start, end)).reshape(end - start, info.num_rois).astype(np.float64)
         values *= info.conversion
         values += info.offset
         return values.astype(np.float32)
 
-    def select_roi(self, object_path: str | None = None, exclude: tuple[str, ...] = ()) -> RoiSeriesInfo:
-        """The RoiResponseSeries to process.
+    def _frames(self, info: RoiSeriesInfo, data: h5py.Dataset, frames: slice) -> np.ndarray:
+        """Stored values of ``frames``, (frames, ROIs) however the series is stored."""
+        if info.transposed:
+            return _series.read(data, (slice(None), frames), path=self.path, obj=info.object_path).T
+        return _series.read(data, frames, path=self.path, obj=info.object_path)
 
-        Parameters
-        ----------
-        object_path : its object path; None picks the only series whose name
-            does not mark it as a neuropil trace and that is not under one of
-            the ``exclude`` object-path prefixes (e.g. earlier nwbflow results).
+    def select_roi(self, object_path: str | None = None, exclude: tuple[str, ...] = ()) -> RoiSeriesInfo:
+        """A RoiResponseSeries: the one at ``object_path``; with None, the ROI traces of the file's only
+        segmentation, chosen by role (:func:`nwbflow.nwb_io.roles.rois_to_process`), outside the ``exclude``
+        object-path prefixes (e.g. earlier nwbflow results).
 
         Raises
         ------
         BadInputError
-            No RoiResponseSeries; ``object_path`` is not one; or, with None,
-            several candidates (the message lists them).
+            ``object_path`` is not a RoiResponseSeries; or, with None, no traces, an ambiguous segmentation,
+            or several segmentations (each message lists the candidates).
         """
+        if object_path is None:
+            choices = roles.rois_to_process(self, exclude=exclude)
+            if len(choices) > 1:
+                raise BadInputError(f"{len(choices)} segmentations' ROI traces to choose from: "
+                                    f"{', '.join(c.traces for c in choices)}", path=self.path, fix=roles.ROI_FIX)
+            return self.roi_info(choices[0].traces)
+        object_path = object_path.strip("/")
         paths = self.roi_paths()
-        if object_path is not None:
-            object_path = object_path.strip("/")
-            if object_path not in paths:
-                found = self._types.get(object_path)
-                what = f"is of type {found}, not RoiResponseSeries" if found else "does not exist"
-                raise BadInputError(f"{what}; RoiResponseSeries in this file: {', '.join(paths) or 'none'}",
-                                    path=self.path, obj=object_path,
-                                    fix="pass `calcium.roi_series` with the object path of the series to process")
-            return self.roi_info(object_path)
-        candidates = [p for p in paths if "neuropil" not in p.rsplit("/", 1)[-1].lower()
-                      and not any(p.startswith(prefix) for prefix in exclude)]
-        if len(candidates) != 1:
-            which = "no RoiResponseSeries" if not candidates else f"{len(candidates)} RoiResponseSeries"
-            raise BadInputError(f"{which} to choose from ({', '.join(paths) or 'none in the file'})",
-                                path=self.path, fix="pass `calcium.roi_series` with the object path of the series "
-                                                    "to process")
-        return self.roi_info(candidates[0])
+        if object_path not in paths:
+            found = self._types.get(object_path)
+            what = f"is of type {found}, not RoiResponseSeries" if found else "does not exist"
+            raise BadInputError(f"{what}; RoiResponseSeries in this file: {', '.join(paths) or 'none'}",
+                                path=self.path, obj=object_path, fix=roles.ROI_FIX)
+        return self.roi_info(object_path)
 
     def roi_content_hash(self, object_path: str) -> str:
         """``"sha256:<hex>"`` of a RoiResponseSeries' data (dtype, shape, raw bytes), read in blocks.
@@ -307,53 +328,42 @@ class NwbSession:
         data = self._group(info.object_path)["data"]
         scan = _series.ValueScan(info.num_rois, "frame", "ROI column", nan_is_gap=True, path=self.path,
                                  obj=f"{info.object_path}/data")
-        digest = _series.content_hash(data, lambda rows: _series.read(data, rows, path=self.path,
-                                                                      obj=info.object_path),
-                                      scan, HASH_BLOCK_BYTES)
+        digest = _series.content_hash(data, lambda rows: self._frames(info, data, rows), scan, HASH_BLOCK_BYTES,
+                                      transposed=info.transposed)
         scan.finish()
         scan.check_scaled(info.conversion, info.offset, info.unit or "(unit)")
         return digest
 
     def select_ephys(self, object_path: str | None = None) -> EphysSeries:
-        """The ElectricalSeries to process.
-
-        Parameters
-        ----------
-        object_path : its object path; None picks the only ElectricalSeries
-            sampled at >= ``RAW_BAND_MIN_RATE_HZ`` (10 kHz, the raw band: e.g.
-            SpikeGLX AP rather than LF).
+        """An ElectricalSeries: the one at ``object_path``; with None, the file's only raw band (sampled at
+        >= ``roles.RAW_BAND_MIN_RATE_HZ``, 10 kHz: e.g. SpikeGLX AP rather than LF).
 
         Raises
         ------
         BadInputError
-            No ElectricalSeries; ``object_path`` is not one; or, with None, no
-            or several raw-band series (the message lists every candidate).
+            No ElectricalSeries; ``object_path`` is not one; or, with None, no or several raw-band
+            series (the message lists every candidate); a series' own problem (e.g. a rate of 0).
         """
         if object_path is not None:
             return self.ephys_series(object_path)
-        paths = self.ephys_paths()
-        if not paths:
-            types = sorted(set(self._types.values()))
-            found = ", ".join(types[:12]) + (", ..." if len(types) > 12 else "") or "nothing"
-            raise BadInputError(f"no ElectricalSeries in this file (types found: {found})",
-                                path=self.path, fix="pass a session with an extracellular "
-                                                    "recording, or run only ophys stages")
-        rates = {p: self._nominal_rate(p) for p in paths}
-        raw = [p for p, r in rates.items() if isinstance(r, float) and r >= RAW_BAND_MIN_RATE_HZ]
+        raw = roles.ephys_to_process(self, None)
         if len(raw) == 1:
             return EphysSeries(self, raw[0])
-        for path, rate in rates.items():
-            if not raw and not (isinstance(rate, float) and rate > 0):
-                EphysSeries(self, path)  # a rate of 0, NaN or broken timestamps: raise that series' own error
-        listing = "; ".join(f"{p} ({r:g} Hz)" if isinstance(r, float) else f"{p} ({r})"
-                            for p, r in rates.items())
-        which = "no ElectricalSeries is" if not raw else f"{len(raw)} ElectricalSeries are"
-        raise BadInputError(f"{which} sampled at >= {RAW_BAND_MIN_RATE_HZ:g} Hz (raw band), "
-                            f"so none can be chosen; candidates: {listing}",
-                            path=self.path, fix=SELECT_FIX)
+        listing = "; ".join(f"{p} ({self.nominal_rate_hz(p)})" for p in raw)
+        raise BadInputError(f"{len(raw)} ElectricalSeries are sampled at >= {roles.RAW_BAND_MIN_RATE_HZ:g} Hz "
+                            f"(raw band), so none can be chosen; candidates: {listing}", path=self.path,
+                            fix=SELECT_FIX)
 
-    def _nominal_rate(self, object_path: str) -> float | str:
-        """Rate (Hz) from ``starting_time@rate`` or the first timestamps; a problem as text."""
+    def neurodata_types(self) -> dict[str, str]:
+        """Every typed group: object path -> neurodata_type."""
+        return dict(self._types)
+
+    def is_a(self, object_path: str, base: str) -> bool:
+        """Whether the group at ``object_path`` is of neurodata type ``base`` (or extends it)."""
+        return self._tree.is_a(self._types.get(object_path.strip("/"), ""), base)
+
+    def nominal_rate_hz(self, object_path: str) -> float | str:
+        """Rate (Hz) from ``starting_time@rate`` or the first timestamps (cheap, unchecked); a problem as text."""
         try:
             group = self._group(object_path)
             if isinstance(group.get("timestamps"), h5py.Dataset):
@@ -442,6 +452,11 @@ class EphysSeries:
     def has_timestamps(self) -> bool:
         """Whether the series stores timestamps instead of a rate."""
         return self._clock.timestamps is not None
+
+    @property
+    def irregular(self) -> str:
+        """How the timestamps stray from a regular clock (gaps, jitter), or ""."""
+        return self._clock.irregular
 
     @property
     def timestamps_s(self):

@@ -4,21 +4,39 @@ Our reader already copes with the writers and versions we meet (conversion, offs
 positions from several column conventions, external links), so SpikeInterface sorters see the
 same traces (µV float32) and positions our own stages see. The recording pickles as (path,
 object path), so SpikeInterface's worker processes reopen the file read-only themselves.
+
+SpikeInterface also copies a recording inside one process (from those same arguments) and leaves the
+copies to the garbage collector. The copies therefore share the first recording's open file, and
+closing that recording closes it for all of them: no handle on the input outlives the sorter (a stray
+one would make the next open of the file with other HDF5 locking flags fail in this process).
 """
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import numpy as np
 from spikeinterface.core import BaseRecording, BaseRecordingSegment
 
-from nwbflow.nwb_io.read import open_session
+from nwbflow.nwb_io.read import NwbSession, open_session
+
+#: (resolved file, series) -> the session the first recording of it opened, shared by its copies.
+_SHARED: dict[tuple[str, str], NwbSession] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 class NwbSeriesRecording(BaseRecording):
     """SpikeInterface recording of one ElectricalSeries (``object_path``) of ``nwb_path``, µV float32."""
 
     def __init__(self, nwb_path: str, object_path: str):
-        session = open_session(nwb_path)
+        key = (str(Path(nwb_path).resolve()), object_path)
+        with _SHARED_LOCK:
+            session = _SHARED.get(key)
+            self._owns_session = session is None or session.closed
+            if self._owns_session:
+                session = _SHARED[key] = open_session(nwb_path)
+        self._shared_key = key
         series = session.select_ephys(object_path)
         channel_ids = np.arange(series.num_channels)
         super().__init__(sampling_frequency=series.sampling_rate_hz, channel_ids=channel_ids, dtype="float32")
@@ -30,7 +48,13 @@ class NwbSeriesRecording(BaseRecording):
         self._session = session
 
     def close(self) -> None:
-        """Close the file (idempotent); the recording cannot be read after."""
+        """Close the file (idempotent): the first recording of a series closes it for its copies too; none
+        can be read after."""
+        if not self._owns_session:
+            return
+        with _SHARED_LOCK:
+            if _SHARED.get(self._shared_key) is self._session:
+                del _SHARED[self._shared_key]
         self._session.close()
 
 

@@ -43,8 +43,11 @@ def is_complete(directory: Path) -> bool:
     return (directory / DONE_MARKER).is_file()
 
 
-def mark_complete(directory: Path, summary: dict) -> None:
-    save_json(directory / DONE_MARKER, summary)
+def mark_complete(directory: Path, summary: dict, artifacts: dict[str, str]) -> None:
+    """Write the marker: the stage's counts and its artifacts (paths relative to ``directory``), the work
+    directory's own record of what it holds (the processed file names NWB objects only)."""
+    relative = {name: os.path.relpath(path, directory) for name, path in artifacts.items()}
+    save_json(directory / DONE_MARKER, {"summary": summary, "artifacts": relative})
 
 
 def file_identity(path: Path) -> tuple[int, int]:

@@ -114,8 +114,10 @@ def _spec_key(_context, parameters: dict) -> str:
     return parameters["spec"].key
 
 
-#: Options of every stage task: its result persisted under the spec's key, transient errors retried.
-STAGE_TASK = {"persist_result": True, "cache_key_fn": _spec_key, **RETRY_OPTIONS}
+#: Options of every stage task: its result persisted under the spec's key, transient errors retried,
+#: its task runs named by stage and series ("preprocess acquisition/ElectricalSeriesAPImec0").
+STAGE_TASK = {"persist_result": True, "cache_key_fn": _spec_key, "task_run_name": "{spec.stage} {spec.series}",
+              **RETRY_OPTIONS}
 
 
 def run_stage(task, spec: StageSpec, *args):
@@ -185,9 +187,9 @@ class StageRun:
         if recording_s is not None:
             summary = {**summary, "x_realtime": round(recording_s / max(time.perf_counter() - self._clock, 1e-9), 1)}
         artifacts = {name: str(path) for name, path in artifacts.items()}
+        # The row's outputs are the NWB objects write-back puts the results in; artifacts stay in done.json.
         record = stage_record(self.spec.stage, parameters_json=self.spec.provenance_parameters(device),
-                              inputs=self.spec.inputs, outputs=tuple(artifacts.values()),
-                              start_time_utc=self.started, device=device)
-        mark_complete(self.directory, summary)
+                              inputs=self.spec.inputs, outputs=(), start_time_utc=self.started, device=device)
+        mark_complete(self.directory, summary, artifacts)
         return StageOutcome(self.spec.stage, self.spec.key, self.spec.directory, time.perf_counter() - self._clock,
                             record, artifacts, summary)

@@ -1,4 +1,4 @@
-"""Prefect task that writes the processed NWB file (atomic export with provenance)."""
+"""Prefect task that writes the processed NWB file: every series' results and every stage's provenance row."""
 
 from __future__ import annotations
 
@@ -10,67 +10,74 @@ from prefect import task
 
 from nwbflow.ephys.sorting.units import METRIC_DESCRIPTIONS
 from nwbflow.nwb_io import layout
-from nwbflow.nwb_io.write import (CalciumForNwb, MotionForNwb, PeaksForNwb, SessionResults, UnitsForNwb,
-                                  write_processed)
+from nwbflow.nwb_io.provenance import ProvenanceRecord
+from nwbflow.nwb_io.results import CalciumForNwb, MotionForNwb, PeaksForNwb, SessionResults, UnitsForNwb
+from nwbflow.nwb_io.write import units_destination, write_processed
 from nwbflow.params import SessionParams
-from nwbflow.tasks.plan import SessionPlan
+from nwbflow.tasks.plan import SeriesFailure, SeriesPlan, SessionPlan
+from nwbflow.tasks.provenance import failure_record
 from nwbflow.tasks.runner import StageOutcome
 
 
 @task(name="write-back")
-def write_back_task(plan: SessionPlan, out_path: str, outcomes: list[StageOutcome],
-                    params: SessionParams) -> dict[str, str | float]:
-    """Export the input with every stage's results and provenance rows to ``out_path``."""
+def write_back_task(plan: SessionPlan, out_path: str, finished: list[tuple[SeriesPlan, dict[str, StageOutcome]]],
+                    failures: list[SeriesFailure], params: SessionParams) -> dict:
+    """Export the input with every finished series' results, and a provenance row per stage run (failed
+    series included), to ``out_path``; the input's own validation findings come back as warnings."""
     clock = time.perf_counter()
-    outcomes = [o for o in outcomes if o.artifacts]  # a skipped stage (e.g. motion on too few peaks) wrote nothing
-    by_stage = {o.stage: o for o in outcomes}
-    peaks = None
-    if params.peaks.write_to_nwb and "peaks" in by_stage:
-        peaks = PeaksForNwb(
-            parquet_path=Path(by_stage["peaks"].artifacts["peaks"]),
-            electrical_series=plan.ephys.object,
-            sampling_rate_hz=float(by_stage["preprocess"].summary["sampling_rate_hz"]),
-            amplitude_unit="noise standard deviations (whitened)" if params.preprocess.whiten else "µV")
-        record = by_stage["peaks"].provenance
-        by_stage["peaks"] = dataclasses.replace(by_stage["peaks"], provenance=dataclasses.replace(
-            record, outputs=record.outputs + (layout.PEAKS_PATH,)))
-    motion = None
-    if "motion" in by_stage:
-        record = by_stage["motion"].provenance
-        motion = MotionForNwb(npz_path=Path(by_stage["motion"].artifacts["motion"]),
-                              electrical_series=plan.ephys.object, method="medicine",
-                              parameters_json=record.parameters,
-                              description="MEDiCINe motion estimate (nwbflow) from the detected peaks' "
-                                          "localized depths.")
-        by_stage["motion"] = dataclasses.replace(by_stage["motion"], provenance=dataclasses.replace(
-            record, outputs=record.outputs + (layout.MOTION_PATH,)))
-    units = None
-    if "sorting" in by_stage:
-        units = UnitsForNwb(spikes_path=Path(by_stage["sorting"].artifacts["spikes"]),
-                            units_path=Path(by_stage["sorting"].artifacts["units"]),
-                            electrical_series=plan.ephys.object, sorter=params.sorting.sorter,
-                            metric_descriptions=tuple(METRIC_DESCRIPTIONS.items()))
-        record = by_stage["sorting"].provenance
-        by_stage["sorting"] = dataclasses.replace(by_stage["sorting"], provenance=dataclasses.replace(
-            record, outputs=record.outputs + (layout.UNITS,)))
-    calcium = None
-    if "calcium" in by_stage:
-        calcium, by_stage["calcium"] = _calcium_for_nwb(plan, by_stage["calcium"])
-    results = SessionResults(provenance=tuple(by_stage[o.stage].provenance for o in outcomes), peaks=peaks,
-                             motion=motion, calcium=calcium, units=units)
-    written = write_processed(plan.nwb_path, out_path, results)
-    return {"path": str(written), "seconds": time.perf_counter() - clock}
+    units_path = units_destination(plan.nwb_path)
+    parts = [_series_results(series, done, params, units_path) for series, done in finished]
+    provenance = tuple(row for _, rows in parts for row in rows) + tuple(
+        failure_record(f, plan) for f in failures)
+    results = SessionResults(provenance=provenance,
+                             **{kind: tuple(r for results, _ in parts for r in results.get(kind, ()))
+                                for kind in ("peaks", "motion", "calcium", "units")})
+    report = write_processed(plan.nwb_path, out_path, results, copy_raw=params.write.copy_raw)
+    return {"path": str(report.path), "seconds": time.perf_counter() - clock, "dropped": list(report.dropped),
+            "input_findings": [f"{f.validator}: {f.location}: {f.message}" for f in report.input_findings]}
 
 
-def _calcium_for_nwb(plan: SessionPlan, outcome: StageOutcome) -> tuple[CalciumForNwb, StageOutcome]:
-    """The calcium result to write, and its outcome with the NWB object added to the provenance outputs."""
-    summary = outcome.summary
-    how = (f"CNN {summary['model']} (weights sha256 {summary['model_sha256']})" if summary["method"] == "cnn"
-           else "non-negative AR(1) deconvolution")
-    calcium = CalciumForNwb(
-        npy_path=Path(outcome.artifacts["spike_rate"]), roi_series=plan.ophys.object,
-        description=f"Spike rate (Hz) inferred by nwbflow from {plan.ophys.object} ({summary['input_kind']}) "
-                    f"with {how}; one value per frame of the source series, same ROIs.")
-    record = outcome.provenance
-    return calcium, dataclasses.replace(outcome, provenance=dataclasses.replace(
-        record, outputs=record.outputs + (layout.SPIKE_RATE_PATH,)))
+def _series_results(series: SeriesPlan, done: dict[str, StageOutcome], params: SessionParams,
+                    units_path: str) -> tuple[dict[str, list], list[ProvenanceRecord]]:
+    """One series' results to write, and its stages' provenance rows with the NWB objects they went to."""
+    results: dict[str, list] = {}
+    rows = []
+    for stage, outcome in done.items():
+        if not outcome.artifacts:  # a skipped stage (motion on too few peaks, no units) wrote nothing
+            continue
+        kind, result, where = _result(stage, series, outcome, done, params, units_path)
+        if result is not None:
+            results.setdefault(kind, []).append(result)
+        rows.append(dataclasses.replace(outcome.provenance, outputs=(where,) if result is not None else ()))
+    return results, rows
+
+
+def _result(stage: str, series: SeriesPlan, outcome: StageOutcome, done: dict[str, StageOutcome],
+            params: SessionParams, units_path: str) -> tuple[str, object, str]:
+    """(kind, what to write, its object path) of one stage's outcome; (kind, None, "") when nothing goes in."""
+    artifacts, label = outcome.artifacts, series.label
+    if stage == "peaks" and params.peaks.write_to_nwb:
+        name = layout.named(layout.PEAKS, label)
+        rate_hz = float(done["preprocess"].summary["sampling_rate_hz"])
+        unit = "noise standard deviations (whitened)" if params.preprocess.whiten else "µV"
+        return "peaks", PeaksForNwb(Path(artifacts["peaks"]), series.object, rate_hz, unit, name), \
+            layout.object_path(layout.ECEPHYS_MODULE, name)
+    if stage == "motion":
+        name = layout.named(layout.MOTION, label)
+        return "motion", MotionForNwb(
+            Path(artifacts["motion"]), series.object, "medicine", outcome.provenance.parameters,
+            f"MEDiCINe motion estimate (nwbflow) of {series.object} from its detected peaks' localized depths.",
+            name), layout.object_path(layout.ECEPHYS_MODULE, name)
+    if stage == "sorting":
+        return "units", UnitsForNwb(Path(artifacts["spikes"]), Path(artifacts["units"]), series.object,
+                                    params.sorting.sorter, tuple(METRIC_DESCRIPTIONS.items()), label), units_path
+    if stage == "calcium":
+        summary = outcome.summary
+        how = (f"CNN {summary['model']} (weights sha256 {summary['model_sha256']})" if summary["method"] == "cnn"
+               else "non-negative AR(1) deconvolution")
+        name = layout.named(layout.SPIKE_RATE, label)
+        return "calcium", CalciumForNwb(
+            Path(artifacts["spike_rate"]), series.object, summary["frame_rate_hz"],
+            f"Spike rate (Hz) inferred by nwbflow from {series.object} ({summary['input_kind']}) with {how}; one "
+            "value per frame of the source series, same ROIs.", name), f"{layout.OPHYS_RESULTS}/{name}"
+    return stage, None, ""
