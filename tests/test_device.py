@@ -47,9 +47,11 @@ def _probe(mode: str) -> dict:
 
 def test_tuned_allocator_reuses_freed_tensor_memory():
     default, tuned = _probe("default"), _probe("tune")
-    # Measured on the 2-core VM: 1100-1320 faults per step with glibc's defaults, 1-16 tuned.
-    assert default["faults_per_step"] > 500
+    # Measured on the 2-core VM: 1100-1600 faults per step with glibc's defaults, 1-26 tuned. Late in two full
+    # test runs the default's count was 189 and 204 (the machine's memory state; not pinned down further), so
+    # the check is relative: tuned, at least 4x fewer faults than the default, and under 100.
     assert tuned["tuned"] is True and tuned["faults_per_step"] < 100
+    assert tuned["faults_per_step"] * 4 < default["faults_per_step"], (default, tuned)
 
 
 def test_malloc_settings_from_the_environment_are_left_in_charge():
