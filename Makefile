@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-all bench bench-motion bench-sorting bench-calcium train-calcium clean
+.PHONY: install demo test test-service test-all bench bench-motion bench-sorting bench-calcium train-calcium clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: install
 test: install
 	$(BIN)/ruff check src
 	$(BIN)/python -m pytest -m "not slow and not gpu"
+
+# A worker killed mid-run: its run Crashed from missing heartbeats (90 s) and resumed on another worker,
+# about 3 min; marked slow, so CI (.ci/run) runs it as its own step after `make test`.
+test-service: install
+	$(BIN)/python -m pytest -m slow tests/test_worker_loss.py
 
 test-all: install
 	$(BIN)/python -m pytest

@@ -13,9 +13,9 @@ from conftest import FAST_MOTION, sha256_of
 from nwbflow import cli
 
 
-def _nwbflow(*args: str, cwd=None) -> subprocess.CompletedProcess:
+def _nwbflow(*args: str, cwd=None, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nwbflow.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=dict(os.environ), timeout=600)
+                          cwd=cwd, env={**os.environ, **env}, timeout=600)
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["synth"], ["demo"]])
@@ -30,10 +30,17 @@ def test_run_end_to_end_exit_0(small_session, tmp_path):
     out = tmp_path / "out.nwb"
     (tmp_path / "p.json").write_text(json.dumps({"motion": FAST_MOTION}))
     result = _nwbflow("run", str(small_session), "-o", str(out), "--device", "cpu", "--workdir", str(tmp_path / "w"),
-                      "--params", str(tmp_path / "p.json"))
+                      "--params", str(tmp_path / "p.json"), COLUMNS="100")
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.is_file() and "write-back" in result.stdout
     assert sha256_of(small_session) == before
+    # The stage table fits a 100-column terminal (the counts wrap); the output's path is on its own line.
+    lines = result.stdout.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("stage ")):
+                  next(i for i, line in enumerate(lines) if line.startswith("processed file: "))]
+    assert max(len(line) for line in table) <= 100, "\n".join(table)
+    assert "units=" in result.stdout and "mean_rate_hz=" in result.stdout
+    assert f"processed file: {out}" in lines
 
 
 @pytest.mark.parametrize("case", ["missing", "not_hdf5", "unknown_param", "bad_stage"])

@@ -1,154 +1,40 @@
 """deployments/prefect.yaml end to end: server, work pool, `prefect deploy`, worker, a run from the API.
 
-Everything runs as it would on a machine serving nwbflow: `prefect server start` (temporary
-SQLite home), `prefect work-pool create`, `prefect deploy --prefect-file deployments/prefect.yaml`,
-`prefect worker start`, each a subprocess of this test talking to the server over HTTP on
-127.0.0.1. Runs are created the way the UI's Run button creates them
-(`POST /api/deployments/{id}/create_flow_run`).
+Everything runs as it would on a machine serving nwbflow (tests/prefect_service.py): `prefect server
+start`, once on SQLite and once on a real PostgreSQL, `prefect work-pool create`, `prefect deploy
+--prefect-file deployments/prefect.yaml`, `nwbflow service-automations`, `nwbflow worker`, each a
+subprocess talking to the server over HTTP on 127.0.0.1. Runs are created the way the UI's Run button
+creates them (`POST /api/deployments/{id}/create_flow_run`). A worker killed mid-run is
+tests/test_worker_loss.py (slow: heartbeats come every 30 s at the fastest).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 from pynwb import NWBHDF5IO
 
 from conftest import FAST_MOTION, sha256_of
+from nwbflow.locks import output_lock
 from nwbflow.nwb_io.provenance import read_provenance
 from nwbflow.synth import SynthConfig, write_synthetic_session
+from prefect_service import DATABASES, NWBFLOW, REPO, start_service
 
-REPO = Path(__file__).resolve().parents[1]
-PREFECT_FILE = "deployments/prefect.yaml"
 K8S_TEMPLATE = REPO / "deployments" / "kubernetes-gpu-job-template.json"
-PREFECT = str(Path(sys.executable).with_name("prefect"))
-
-SERVER_START_TIMEOUT_S = 180
-CLI_TIMEOUT_S = 120
-RUN_TIMEOUT_S = 180
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _tail(path: Path, num_chars: int = 4000) -> str:
-    text = path.read_text(errors="replace") if path.exists() else "(no log)"
-    return f"--- {path.name} (last {num_chars} chars) ---\n{text[-num_chars:]}"
-
-
-@dataclass
-class Service:
-    """A running server + worker, their logs, and an HTTP client for the REST API."""
-
-    api_url: str
-    env: dict[str, str]
-    logdir: Path
-    client: httpx.Client
-    procs: list[subprocess.Popen] = field(default_factory=list)
-
-    def logs(self) -> str:
-        return "\n".join(_tail(p) for p in sorted(self.logdir.glob("*.log")))
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        """Start ``prefect *args`` in its own process group (so its children can be stopped with it)."""
-        log = open(self.logdir / f"{name}.log", "wb")
-        try:
-            proc = subprocess.Popen([PREFECT, *args], cwd=REPO, env=self.env, stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
-        finally:
-            log.close()  # the child holds its own copy
-        self.procs.append(proc)
-        return proc
-
-    def cli(self, *args: str) -> str:
-        """Run ``prefect *args`` to completion; fail with its output and the service logs if it fails."""
-        done = subprocess.run([PREFECT, *args], cwd=REPO, env=self.env, capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, timeout=CLI_TIMEOUT_S)
-        output = done.stdout + done.stderr
-        with (self.logdir / "cli.log").open("a") as log:
-            log.write(f"$ prefect {' '.join(args)}\n{output}\n")
-        assert done.returncode == 0, f"prefect {' '.join(args)} exited {done.returncode}:\n{output[-4000:]}"
-        return output
-
-    def stop(self) -> None:
-        """Terminate every process group started here (newest first), then kill what is left."""
-        for proc in reversed(self.procs):
-            _stop_group(proc)
-        self.client.close()
-
-
-def _stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:  # the leader may be gone while children of its group (uvicorn, flow runs) remain
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=grace_s)
-
-
-def _wait_for_health(service: Service, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"prefect server exited with {server.returncode}\n{service.logs()}"
-        try:
-            if service.client.get("/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"no answer from {service.api_url}/health after {SERVER_START_TIMEOUT_S} s\n"
-                         f"{service.logs()}")
-
-
-def _service_env(root: Path, api_url: str) -> dict[str, str]:
-    """This process's environment without PREFECT_* or NWBFLOW_* settings, plus the test service's."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "NWBFLOW_"))}
-    env.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_API_URL=api_url,
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_CLI_PROMPT="false",
-               PREFECT_SERVER_UI_ENABLED="false",
-               PREFECT_WORKER_QUERY_SECONDS="2",  # the worker polls every 2 s instead of 10 s
-               # read by `prefect deploy` for the nightly deployment's parameters
-               NWBFLOW_DATA_ROOT=str(root / "data"), NWBFLOW_OUT_DIR=str(root / "processed"))
-    return env
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    """Server up, pools created, deployments applied from prefect.yaml, one worker on `nwbflow-cpu`."""
-    root = tmp_path_factory.mktemp("service")
-    port = _free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    service = Service(api_url=api_url, env=_service_env(root, api_url), logdir=root,
-                      client=httpx.Client(base_url=api_url, timeout=30))
+@pytest.fixture(scope="module", params=DATABASES)
+def service(request, tmp_path_factory):
+    """Server up on SQLite, then on PostgreSQL; pools, deployments and automations applied from the repo's files;
+    one `nwbflow worker` on `nwbflow-cpu`."""
+    service = start_service(tmp_path_factory.mktemp(f"service-{request.param}"), request.param)
     try:
-        server = service.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
-        _wait_for_health(service, server)
-        for pool in ("nwbflow-cpu", "nwbflow-gpu"):
-            service.cli("work-pool", "create", pool, "--type", "process")
-        service.cli("deploy", "--prefect-file", PREFECT_FILE, "--all", "--no-prompt")
-        service.start("worker", "worker", "start", "--pool", "nwbflow-cpu", "--name", "test-worker")
+        service.worker("test-worker")
         yield service
     finally:
         service.stop()
@@ -161,32 +47,8 @@ def session_file(tmp_path_factory) -> Path:
     return path
 
 
-def _deployment(service: Service, name: str, flow: str = "process-session") -> dict:
-    response = service.client.get(f"/deployments/name/{flow}/{name}")
-    assert response.status_code == 200, f"{name}: {response.status_code} {response.text[:500]}"
-    return response.json()
-
-
-def _count_runs(service: Service, deployment_id: str) -> int:
-    response = service.client.post("/flow_runs/count",
-                                   json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}})
-    response.raise_for_status()
-    return response.json()
-
-
-def _wait_for_run(service: Service, flow_run_id: str) -> dict:
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        run = service.client.get(f"/flow_runs/{flow_run_id}").json()
-        if run["state"]["type"] in TERMINAL:
-            return run
-        time.sleep(1)
-    raise AssertionError(f"flow run {flow_run_id} not finished after {RUN_TIMEOUT_S} s "
-                         f"(state {run['state']['type']})\n{service.logs()}")
-
-
 def test_deployments_are_registered_as_prefect_yaml_says(service):
-    cpu, gpu = _deployment(service, "process-session"), _deployment(service, "process-session-gpu")
+    cpu, gpu = service.deployment("process-session"), service.deployment("process-session-gpu")
     for deployment in (cpu, gpu):
         assert deployment["entrypoint"] == "nwbflow.flows.session.process_session"
         assert deployment["enforce_parameter_schema"] is True
@@ -205,7 +67,7 @@ def test_deployments_are_registered_as_prefect_yaml_says(service):
 
 
 def test_nightly_is_scheduled_with_parameters_from_the_environment(service):
-    nightly = _deployment(service, "nightly", flow="nightly")
+    nightly = service.deployment("nightly", flow="nightly")
     assert nightly["entrypoint"] == "nwbflow.flows.nightly.nightly"
     assert nightly["enforce_parameter_schema"] is True
     assert nightly["work_pool_name"] == "nwbflow-cpu"
@@ -218,7 +80,7 @@ def test_nightly_is_scheduled_with_parameters_from_the_environment(service):
 
 
 def test_dandi_prep_is_registered_and_refuses_an_unknown_files_mode(service):
-    dandi = _deployment(service, "dandi-prep", flow="dandi-prep")
+    dandi = service.deployment("dandi-prep", flow="dandi-prep")
     assert dandi["entrypoint"] == "nwbflow.flows.dandi.dandi_prep"
     assert dandi["enforce_parameter_schema"] is True and dandi["work_pool_name"] == "nwbflow-cpu"
     assert dandi["parameters"] == {} and dandi["schedules"] == []
@@ -228,14 +90,14 @@ def test_dandi_prep_is_registered_and_refuses_an_unknown_files_mode(service):
     response = service.client.post(f"/deployments/{dandi['id']}/create_flow_run", json={"parameters": {
         "root": "/data/raw", "out_dir": "/data/dandiset", "files_mode": "move"}})
     assert response.status_code == 409, response.text
-    assert _count_runs(service, dandi["id"]) == 0
+    assert service.count_runs(dandi["id"]) == 0
 
 
 @pytest.mark.parametrize("params", [{"peaks": {"threshold_mad": -1}}, {"bogus": 1}, {"execution": {"device": "tpu"}}],
                          ids=["out-of-bounds", "unknown-key", "bad-enum"])
 def test_api_refuses_invalid_parameters_without_creating_a_run(service, params):
-    deployment = _deployment(service, "process-session")
-    before = _count_runs(service, deployment["id"])
+    deployment = service.deployment("process-session")
+    before = service.count_runs(deployment["id"])
     response = service.client.post(
         f"/deployments/{deployment['id']}/create_flow_run",
         json={"parameters": {"nwb_path": "/nonexistent/raw.nwb", "out_path": "/nonexistent/out.nwb",
@@ -243,13 +105,13 @@ def test_api_refuses_invalid_parameters_without_creating_a_run(service, params):
     # Prefect 3.8 answers a schema violation with 409 Conflict ("Validation failed for field ...").
     assert response.status_code == 409, response.text
     assert "Validation failed for field 'params" in response.json()["detail"]
-    assert _count_runs(service, deployment["id"]) == before
+    assert service.count_runs(deployment["id"]) == before
 
 
 def test_run_created_like_the_ui_run_button_completes_with_provenance(service, session_file, tmp_path):
     input_sha = sha256_of(session_file)
     out = tmp_path / "processed.nwb"
-    deployment = _deployment(service, "process-session")
+    deployment = service.deployment("process-session")
     response = service.client.post(
         f"/deployments/{deployment['id']}/create_flow_run",
         json={"parameters": {"nwb_path": str(session_file), "out_path": str(out),
@@ -257,7 +119,7 @@ def test_run_created_like_the_ui_run_button_completes_with_provenance(service, s
     assert response.status_code == 201, response.text
     flow_run_id = response.json()["id"]
 
-    run = _wait_for_run(service, flow_run_id)
+    run = service.wait_for_run(flow_run_id)
     assert run["state"]["type"] == "COMPLETED", (
         f"flow run {run['state']['type']}: {run['state'].get('message')}\n{service.logs()}")
     assert out.exists()
@@ -270,9 +132,123 @@ def test_run_created_like_the_ui_run_button_completes_with_provenance(service, s
         assert nwbfile.units is not None and len(nwbfile.units) > 0
     assert [r["stage"] for r in rows] == ["preprocess", "peaks", "sorting"]
     assert "motion stage skipped" in service.logs()
+    # nwbflow's own INFO records reach the run's logs in the UI (PREFECT_LOGGING_EXTRA_LOGGERS on the deployment)
+    logs = service.client.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                                                     "limit": 200}).json()
+    assert any(r["name"].startswith("nwbflow.") and r["level"] == 20 for r in logs), logs[:5]
     assert {r["flow_run_id"] for r in rows} == {flow_run_id}
     assert all(r["device"] == "cpu" for r in rows)
     assert sha256_of(session_file) == input_sha
+
+    # The stage table artifact, read back as the UI reads it: one set of columns in every row (the UI takes
+    # them from the first row), every stage's figures in them.
+    artifacts = service.client.post("/artifacts/filter", json={
+        "artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "type": {"any_": ["table"]}}}).json()
+    [table] = [a for a in artifacts if a["key"].startswith("stages-")]
+    table_rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
+    assert all(list(row) == list(table_rows[0]) for row in table_rows)
+    assert {"stage", "seconds", "device", "x_realtime", "counts"} <= set(table_rows[0])
+    by_stage = {row["stage"]: row for row in table_rows}
+    assert {"preprocess", "peaks", "motion", "sorting", "write-back"} <= set(by_stage)
+    assert "units=" in by_stage["sorting"]["counts"] and "peaks=" in by_stage["peaks"]["counts"]
+    assert "skipped=" in by_stage["motion"]["counts"]
+
+
+def _crashed_run(service, parameters: dict, tags: list[str]) -> str:
+    """A process-session run that crashed: created for next year (no worker takes it), then set Crashed as
+    the heartbeat automation sets a run whose worker died."""
+    deployment = service.deployment("process-session")
+    response = service.client.post(f"/deployments/{deployment['id']}/create_flow_run", json={
+        "parameters": parameters, "tags": tags,
+        "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": "2099-01-01T00:00:00Z"}}})
+    assert response.status_code == 201, response.text
+    run_id = response.json()["id"]
+    response = service.client.post(f"/flow_runs/{run_id}/set_state", json={
+        "state": {"type": "CRASHED", "message": "no heartbeat (test)"}, "force": True})
+    assert response.status_code in (200, 201), response.text
+    return run_id
+
+
+def _resubmissions_of(service, crashed_id: str, timeout_s: float = 120) -> list[dict]:
+    """The finished resubmit-crashed runs for ``crashed_id`` (waits for the first)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runs = [r for r in service.flow_runs(tags={"all_": ["nwbflow-service"]})
+                if r["parameters"].get("flow_run_id", "").endswith(crashed_id)]
+        if runs and all(r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED") for r in runs):
+            return runs
+        time.sleep(1)
+    raise AssertionError(f"no finished resubmit-crashed run for {crashed_id}\n{service.logs()}")
+
+
+def test_the_documented_setup_declares_crash_detection_and_resubmission(service):
+    crash_env = service.deployment("process-session")["job_variables"]["env"]
+    assert crash_env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+    service.cli(NWBFLOW, "service-automations")  # again: updated by name, not duplicated
+    automations = service.client.post("/automations/filter", json={}).json()
+    names = [a["name"] for a in automations]
+    assert names.count("nwbflow-crash-silent-runs") == 1, names
+    [crash] = [a for a in automations if a["name"] == "nwbflow-crash-silent-runs"]
+    assert crash["trigger"]["posture"] == "Proactive" and crash["trigger"]["within"] == 90  # 3 heartbeats
+    assert crash["actions"] == [{**crash["actions"][0], "type": "change-flow-run-state", "state": "CRASHED"}]
+    resubmit = service.deployment("resubmit-crashed", flow="resubmit-crashed")
+    assert resubmit["entrypoint"] == "nwbflow.flows.resubmit.resubmit_crashed"
+    assert "nwbflow" not in resubmit["tags"]  # its own runs are never resubmitted
+    [trigger] = [a for a in automations if a["name"] == "nwbflow-resubmit-crashed-runs"]
+    assert trigger["trigger"]["expect"] == ["prefect.flow-run.Crashed"]
+    assert trigger["actions"][0]["deployment_id"] == resubmit["id"]
+
+
+def test_a_crashed_run_is_run_again_once_with_its_parameters(service, session_file, tmp_path):
+    parameters = {"nwb_path": str(session_file), "out_path": str(tmp_path / "again.nwb"),
+                  "params": {"execution": {"device": "cpu"}, "stages": ["preprocess"]}}
+    crashed = _crashed_run(service, parameters, tags=[])
+    [resubmission] = _resubmissions_of(service, crashed)  # one, however often the event is delivered
+    assert resubmission["state"]["type"] == "COMPLETED", service.logs()
+    [again] = [r for r in service.flow_runs(tags={"all_": ["nwbflow-attempt:2"]}) if r["parameters"] == parameters]
+    assert service.wait_for_run(again["id"])["state"]["type"] == "COMPLETED", service.logs()
+    assert "nwbflow" in again["tags"] and (tmp_path / "again.nwb").exists()
+
+
+def test_a_resubmitted_run_does_not_write_beside_a_run_still_alive(service, session_file, tmp_path):
+    """A run marked Crashed whose process lives on somewhere (a machine cut off from the server) still holds
+    its output's lock: the resubmitted run fails at once with OutputBusyError and writes nothing."""
+    out = tmp_path / "held.nwb"
+    parameters = {"nwb_path": str(session_file), "out_path": str(out),
+                  "params": {"execution": {"device": "cpu"}, "stages": ["preprocess"]}}
+    with output_lock(out):  # the run that is still alive
+        crashed = _crashed_run(service, parameters, tags=[])
+        _resubmissions_of(service, crashed)
+        [again] = [r for r in service.flow_runs(tags={"all_": ["nwbflow-attempt:2"]}) if r["parameters"] == parameters]
+        run = service.wait_for_run(again["id"])
+    assert run["state"]["type"] == "FAILED" and "OutputBusyError" in run["state"]["message"], run["state"]
+    assert not out.exists() and not (tmp_path / ".nwbflow-work").exists()  # no stage ran
+
+
+def test_resubmission_stops_after_the_last_attempt(service, tmp_path):
+    parameters = {"nwb_path": "/nonexistent/raw.nwb", "out_path": str(tmp_path / "never.nwb")}
+    crashed = _crashed_run(service, parameters, tags=["nwbflow-attempt:3"])
+    [resubmission] = _resubmissions_of(service, crashed)
+    assert resubmission["state"]["type"] == "FAILED"
+    assert "crashed on attempt 3 of 3: not resubmitted" in resubmission["state"]["message"]
+    assert not service.flow_runs(tags={"all_": ["nwbflow-attempt:4"]})
+
+
+def test_one_sigterm_stops_a_worker_started_with_sigint_ignored(service):
+    """What systemd and Kubernetes send, to a worker started the way that defeated Prefect's own handler
+    (in the background of a non-interactive shell, where SIGINT is ignored)."""
+    worker = service.worker("sigterm-worker", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 60
+    while "Worker 'sigterm-worker' started" not in (service.logdir / "sigterm-worker.log").read_text():
+        assert worker.poll() is None and time.monotonic() < deadline, service.logs()
+        time.sleep(0.5)
+    children = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
+    assert children  # `prefect worker start`, in a session of its own
+    started = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=15) == 0
+    print(f"worker stopped {time.monotonic() - started:.1f} s after one SIGTERM")
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]  # nothing left behind
 
 
 def test_kubernetes_gpu_job_template_is_accepted_by_the_server(service):

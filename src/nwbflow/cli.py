@@ -1,4 +1,4 @@
-"""``nwbflow`` command line: run, synth, nightly, dandi-prep, demo.
+"""``nwbflow`` command line: run, synth, nightly, dandi-prep, demo, worker, service-automations.
 
 Exit codes (a contract): 0 success, 2 bad input (one line naming file,
 object and fix; a traceback only with ``--debug``), 1 any other failure;
@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry errors
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "worker":  # everything after `worker` belongs to `prefect worker start`
+        args.worker_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not args.debug and args.command in ("run", "nightly", "dandi-prep", "demo"):
         _hide_tracebacks()
     try:
@@ -127,6 +131,23 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_train_calcium(sub, common)
 
+    worker = sub.add_parser(
+        "worker", parents=[common], help="a Prefect worker that stops on one SIGTERM",
+        description="Run `prefect worker start WORKER_ARGS...` (e.g. --pool nwbflow-cpu). The first SIGTERM or "
+                    "SIGINT stops the worker and its flow runs at once; each run is rescheduled and resumes "
+                    "from its cached stages on another worker (deployments/README.md).")
+    worker.add_argument("--pool", required=True, help="the work pool; other options (--name, --limit, ...) "
+                                                      "go to `prefect worker start` as they are")
+    worker.set_defaults(handler=_worker)
+
+    automations = sub.add_parser(
+        "service-automations", parents=[common], help="create or update the service's Prefect automations",
+        description="Create, or update by name, the automations in FILE on the server of PREFECT_API_URL "
+                    "(crashed-run detection from heartbeats; deployments/README.md).")
+    automations.add_argument("--file", default="deployments/automations.yaml", metavar="FILE",
+                             help="automations YAML (default: deployments/automations.yaml)")
+    automations.set_defaults(handler=_service_automations)
+
     demo = sub.add_parser("demo", parents=[common], help="synthesize a session, process it, print a report",
                           description="Build a small synthetic session, run process_session on CPU on the "
                                       "embedded Prefect server, validate the output, print stage timings.")
@@ -217,6 +238,21 @@ def _train_calcium(args: argparse.Namespace) -> int:
     logging.getLogger("nwbflow").addHandler(logging.StreamHandler())
     card = run(args)
     print(f"wrote {card['name']}: {card['weights_bytes']} bytes, sha256 {card['weights_sha256']}")
+    return EXIT_OK
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from nwbflow.service import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s - %(message)s")
+    return run_worker(["--pool", args.pool, *args.worker_args])
+
+
+def _service_automations(args: argparse.Namespace) -> int:
+    from nwbflow.service import apply_automations
+
+    for name, what in apply_automations(args.file):
+        print(f"{what} automation {name}")
     return EXIT_OK
 
 
