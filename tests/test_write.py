@@ -116,7 +116,17 @@ WRITER = textwrap.dedent("""
 def _start_writer(src: Path, out: Path) -> subprocess.Popen:
     root = Path(__file__).resolve().parents[1]
     return subprocess.Popen([sys.executable, "-c", WRITER, str(src), str(out)], cwd=root,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _group_ends(pgid: int, timeout_s: float = 60) -> bool:
+    """Whether every process of group ``pgid`` (a killed writer's fork server, its export child) ends in time."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True).returncode == 1:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _assert_complete(out: Path) -> None:
@@ -138,6 +148,9 @@ def test_sigkill_at_any_point_leaves_input_intact_and_output_absent_or_complete(
         time.sleep(full_s * fraction)
         writer.send_signal(signal.SIGKILL)
         writer.wait(timeout=60)
+        # Nothing of it lives on: a pool's idle export worker used to wait forever on its own queue, and keep
+        # the fork server (two processes of ~100-200 MB) alive with it.
+        assert _group_ends(writer.pid), f"processes of the writer killed at {fraction:.0%} live on"
         assert sha256_of(src) == before, f"input changed after a kill at {fraction:.0%}"
         if out.exists():
             _assert_complete(out)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import shutil
+import traceback
 import uuid
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,14 +140,41 @@ def _export_in_child(input_path: Path, tmp_path: Path, results: SessionResults, 
     pynwb's export ends in 'double free or corruption'), which must fail this write, not the whole run.
 
     The child comes from a fork server that has the NWB stack imported, so each export starts in milliseconds
-    after the first; an error raised in the child is raised here. Returns the bulk series left out.
+    after the first; an error raised in the child is raised here. Returns the bulk series left out. The child
+    runs this one export and ends (no pool: a pool's idle worker waits for work on a queue whose pipe it
+    holds itself, so a parent killed at the wrong moment left it, and the fork server, waiting for good).
     """
-    with ProcessPoolExecutor(max_workers=1, mp_context=_EXPORT_CONTEXT) as pool:
-        try:
-            return pool.submit(_export, input_path, tmp_path, results, copy_raw).result()
-        except BrokenProcessPool as exc:
-            raise OSError(f"the export process died while writing {tmp_path.name} (HDF5 aborts on a failed "
-                          "write, e.g. on a full disk)") from exc
+    receive, send = _EXPORT_CONTEXT.Pipe(duplex=False)
+    child = _EXPORT_CONTEXT.Process(target=_export_and_send, args=(send, input_path, tmp_path, results, copy_raw),
+                                    name="nwbflow-export", daemon=True)
+    child.start()
+    send.close()  # the child's copy is the only one left: its end (or death) is an end of file here
+    try:
+        failed, value = receive.recv()
+    except EOFError:
+        child.join()
+        raise OSError(f"the export process died (exit code {child.exitcode}) while writing {tmp_path.name} "
+                      "(HDF5 aborts on a failed write, e.g. on a full disk)") from None
+    finally:
+        receive.close()
+    child.join()
+    if failed:
+        raise value
+    return value
+
+
+def _export_and_send(send, input_path: Path, tmp_path: Path, results: SessionResults, copy_raw: bool) -> None:
+    """The export child: ``_export``'s result, or the exception it raised (its traceback as a note), sent back."""
+    try:
+        outcome = (False, _export(input_path, tmp_path, results, copy_raw))
+    except Exception as exc:  # noqa: BLE001 - raised again in the parent, with this traceback attached
+        exc.add_note("in the export process:\n" + traceback.format_exc())
+        outcome = (True, exc)
+    try:
+        send.send(outcome)
+    except (pickle.PicklingError, TypeError, AttributeError) as unpicklable:  # an exception pickle cannot carry
+        send.send((True, RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]} ({unpicklable})")))
+    send.close()
 
 
 def _export(input_path: Path, tmp_path: Path, results: SessionResults, copy_raw: bool) -> list[str]:
