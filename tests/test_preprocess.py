@@ -346,15 +346,25 @@ def _peak_growth_bytes(source: TraceSource, params: PreprocessParams, out_path, 
 
 
 def test_device_memory_does_not_grow_with_the_recording(tmp_path, device):
-    """torch allocations (which tracemalloc does not see) are bounded by the chunk too."""
+    """torch allocations (which tracemalloc does not see) are bounded by the chunk too.
+
+    Both recordings are many chunks long, so both fill the pipeline (chunks in flight, host buffers, torch's
+    pools); a recording of 2 chunks does not and peaks ~7-15 MB lower, which said nothing about the length.
+    On CPU the resident-set high-water mark is noisy: 7-47 MB of growth per run whatever the length
+    (300 000, 1.2 M and 4.8 M samples all gave 18-32 MB), highest first (allocator warm-up). So the lengths
+    differ 16-fold, the runs alternate, each length's least of 3 counts, and the bound is an eighth of the
+    long run's extra output (18 MB of 144 MB): what keeps an eighth of the output in memory fails.
+    """
     params = PreprocessParams(noise_sample_chunks=3)
     mixing = 10.0 * np.eye(16) + 1.0
-    recording_bytes = 600_000 * 16 * 2  # 19 MB of float16 output
-    short, long = BlockNoiseSource(60_000, mixing, seed=11), BlockNoiseSource(600_000, mixing, seed=11)
+    short_samples, long_samples = 300_000, 4_800_000
+    extra_bytes = (long_samples - short_samples) * 16 * 2  # 144 MB more float16 output for the long one
+    short, long = BlockNoiseSource(short_samples, mixing, seed=11), BlockNoiseSource(long_samples, mixing, seed=11)
     _peak_growth_bytes(short, params, tmp_path / "warm.bin", device)  # caches, FFT plans, allocator pools
-    peak_short = _peak_growth_bytes(short, params, tmp_path / "short.bin", device)
-    peak_long = _peak_growth_bytes(long, params, tmp_path / "long.bin", device)
-    assert peak_long - peak_short < recording_bytes / 8, (peak_short, peak_long)
+    peaks = [(_peak_growth_bytes(short, params, tmp_path / f"short{i}.bin", device),
+              _peak_growth_bytes(long, params, tmp_path / f"long{i}.bin", device)) for i in range(3)]
+    peak_short, peak_long = (min(column) for column in zip(*peaks))
+    assert peak_long - peak_short < extra_bytes / 8, peaks
 
 
 def test_oom_backoff_halves_the_chunk_and_continues(caplog):
