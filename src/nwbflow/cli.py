@@ -134,8 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser(
         "worker", parents=[common], help="a Prefect worker that stops on one SIGTERM",
         description="Run `prefect worker start WORKER_ARGS...` (e.g. --pool nwbflow-cpu). The first SIGTERM or "
-                    "SIGINT stops the worker and its flow runs at once; each run is rescheduled and resumes "
-                    "from its cached stages on another worker (deployments/README.md).")
+                    "SIGINT stops the worker and its flow runs at once; each run ends Crashed, is resubmitted and "
+                    "resumes from its cached stages on another worker (deployments/README.md).")
     worker.add_argument("--pool", required=True, help="the work pool; other options (--name, --limit, ...) "
                                                       "go to `prefect worker start` as they are")
     worker.set_defaults(handler=_worker)

@@ -133,10 +133,11 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _wait_then_kill(pids: list[int], deadline: float) -> None:
-    """Wait (until the monotonic ``deadline``) for ``pids`` to end; SIGKILL those still alive then."""
+    """Wait (until the monotonic ``deadline``) for ``pids`` to end; SIGKILL those still alive then (only
+    those: the number of one that ended may already belong to another process)."""
     while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
         time.sleep(0.2)
-    _signal_each(pids, signal.SIGKILL)
+    _signal_each([pid for pid in pids if Path(f"/proc/{pid}").exists()], signal.SIGKILL)
 
 
 def _signal_each(pids: list[int], signum: int) -> None:
