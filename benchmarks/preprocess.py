@@ -13,6 +13,13 @@ Rows (seconds of recording processed per wall-clock second, higher is better):
   si_chain       bandpass_filter -> common_reference(median) -> whiten, saved to float32 binary (n_jobs = threads)
   ours_peaks     locally exclusive detection + center of mass on our float32 preprocessed binary
   si_peaks       detect_peaks(method="locally_exclusive") on the same binary, same threshold/radius/sweep
+  nwb_hash       the content hash plan computes (``EphysSeries.content_hash``) of the same samples in an NWB
+                 file as ``nwbflow synth`` and NeuroConv write them: int16, gzip level 4, chunks of 16384
+                 samples x 64 channels (2 MiB)
+  ours_nwb       ``ours`` reading that NWB file (``EphysSeries``, stored chunks inflated on a pool); the
+                 target: within 1.5x of ``ours`` on the raw binary at the same thread count
+  ours_nwb_h5py  the same, read through h5py (``dataset[rows]``), as every read was before issue 23
+  nwb_hash_h5py  the content hash as it was before issue 23 (every sample decoded through h5py and hashed)
 
 Usage:
   .venv/bin/python benchmarks/preprocess.py --duration-s 60 --long-duration-s 600 --threads 1 2
@@ -32,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from _measure import peak_rss_mb, run_child
 
+NWB_ROWS = ["nwb_hash", "nwb_hash_h5py", "ours_nwb", "ours_nwb_h5py"]
 NUM_CHANNELS = 384
 RATE_HZ = 30_000.0
 GAIN_UV = 0.195
@@ -85,6 +93,54 @@ class Int16FileSource:
         traces = raw.reshape(end_sample - start_sample, self.num_channels).astype(np.float32)
         traces *= GAIN_UV
         return traces
+
+
+def nwb_path(data_dir: Path, duration_s: float) -> Path:
+    return data_dir / f"int16_{NUM_CHANNELS}ch_{int(duration_s)}s.nwb"
+
+
+def make_nwb(data_dir: Path, duration_s: float) -> Path:
+    """Write (once) the binary's samples into an NWB file, gzip level 4 in 16384 x 64 chunks (like synth)."""
+    out = nwb_path(data_dir, duration_s)
+    if out.is_file():
+        return out
+    from datetime import datetime, timezone
+
+    from hdmf.backends.hdf5 import H5DataIO
+    from hdmf.data_utils import GenericDataChunkIterator
+    from pynwb import NWBHDF5IO, NWBFile
+    from pynwb.ecephys import ElectricalSeries
+
+    samples = np.memmap(data_path(data_dir, duration_s), dtype="<i2", mode="r").reshape(-1, NUM_CHANNELS)
+
+    class Blocks(GenericDataChunkIterator):
+        def _get_data(self, selection):
+            return np.asarray(samples[selection])
+
+        def _get_maxshape(self):
+            return samples.shape
+
+        def _get_dtype(self):
+            return np.dtype("int16")
+
+    nwbfile = NWBFile("preprocess benchmark", "bench", datetime(2026, 1, 1, tzinfo=timezone.utc))
+    device = nwbfile.create_device("probe")
+    group = nwbfile.create_electrode_group("shank", "synthetic", "nowhere", device)
+    positions = np.load(positions_path(data_dir))
+    nwbfile.add_electrode_column("rel_x", "x (µm)")
+    nwbfile.add_electrode_column("rel_y", "y (µm)")
+    for x, y in positions:
+        nwbfile.add_electrode(group=group, location="nowhere", rel_x=float(x), rel_y=float(y))
+    region = nwbfile.create_electrode_table_region(list(range(NUM_CHANNELS)), "all")
+    data = H5DataIO(Blocks(chunk_shape=(16384, 64), buffer_shape=(16384 * 4, NUM_CHANNELS)), compression="gzip",
+                    compression_opts=4)
+    nwbfile.add_acquisition(ElectricalSeries(name="ElectricalSeries", data=data, electrodes=region, rate=RATE_HZ,
+                                             conversion=GAIN_UV * 1e-6))
+    partial = out.with_suffix(".partial")
+    with NWBHDF5IO(partial, "w") as io:
+        io.write(nwbfile)
+    partial.rename(out)
+    return out
 
 
 # -------------------------------------------------------------------------------- measurements
@@ -168,8 +224,20 @@ def child(args: argparse.Namespace) -> None:
     data_dir = Path(args.data_dir)
     source = Int16FileSource(data_path(data_dir, args.duration_s), args.duration_s)
     preprocessed = data_dir / f"ours_{int(args.duration_s)}s.f32"
+    if args.child.startswith(("ours_nwb", "nwb_hash")):
+        from nwbflow.nwb_io import read
+        from nwbflow.nwb_io.read import open_session
+
+        if args.child.endswith("_h5py"):
+            read.decodable = lambda dataset: False  # every read through h5py, as before issue 23
+        session = open_session(nwb_path(data_dir, args.duration_s))
+        source = session.select_ephys()
     clock = time.perf_counter()
-    if args.child == "floor":
+    if args.child in ("nwb_hash", "nwb_hash_h5py"):
+        extra = {"hash": source.content_hash().split(":")[0]}
+    elif args.child in ("ours_nwb", "ours_nwb_h5py"):
+        extra = run_ours(source, data_dir / f"ours_{int(args.duration_s)}s.f16", args.device, "float16")
+    elif args.child == "floor":
         extra = run_floor(source, data_dir / "floor.f32")
     elif args.child == "ours":
         extra = run_ours(source, data_dir / f"ours_{int(args.duration_s)}s.f16", args.device, "float16")
@@ -211,6 +279,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="/tmp/nwbflow-bench")
     parser.add_argument("--skip-si", action="store_true", help="only our rows (e.g. on a GPU machine)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/preprocess.json"))
+    parser.add_argument("--nwb", action="store_true", help="also the NWB rows (reading a gzip NWB file)")
+    parser.add_argument("--rows", nargs="+", help="only these rows (e.g. ours ours_nwb)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -219,9 +289,13 @@ def main() -> None:
     data_dir = Path(args.data_dir)
     for duration in {args.duration_s, args.long_duration_s} - {0.0}:
         make_data(data_dir, duration)
+    if args.nwb:
+        make_nwb(data_dir, args.duration_s)
     rows = []
     for threads in args.threads:
-        order = ["floor", "ours", "ours_f32", "ours_peaks"] + ([] if args.skip_si else ["si_chain", "si_peaks"])
+        order = [*args.rows] if args.rows else (
+            ["floor", "ours", "ours_f32", "ours_peaks"] + ([] if args.skip_si else ["si_chain", "si_peaks"])
+            + (NWB_ROWS if args.nwb else []))
         for row in order:
             rows.append(measure(row, args.duration_s, threads, args.device, data_dir))
             print(f"  {row:10s} threads={threads}: {rows[-1]['x_realtime']:.2f} x real time", flush=True)
@@ -238,12 +312,16 @@ def _report(rows: list[dict], args: argparse.Namespace) -> None:
     print(format_table(
         ["row", "recording s", "threads", "seconds", "x real time", "peak RSS MB", "note"],
         [[r["row"], f"{r['duration_s']:.0f}", str(r["threads"]), f"{r['seconds']:.1f}", f"{r['x_realtime']:.2f}",
-          f"{r['peak_rss_mb']:.0f}", str(r.get("peaks", r.get("output", "")))
+          f"{r['peak_rss_mb']:.0f}", str(r.get("peaks", r.get("output", r.get("hash", ""))))
           + (f" {r['method']}" if "method" in r else "")]
          for r in rows]))
     by = {(r["row"], r["threads"], r["duration_s"]): r for r in rows}
     for threads in args.threads:
         si = by.get(("si_chain", threads, args.duration_s))
+        ours, nwb = by.get(("ours", threads, args.duration_s)), by.get(("ours_nwb", threads, args.duration_s))
+        if ours and nwb:
+            print(f"threads={threads}: ours from the gzip NWB is {ours['x_realtime'] / nwb['x_realtime']:.2f}x "
+                  "slower than from the raw binary (target <= 1.5)")
         for row in ("ours", "ours_f32"):
             ours = by.get((row, threads, args.duration_s))
             if ours and si:

@@ -225,8 +225,8 @@ CASES = {
     "HDF5 but not NWB": Case(hdf5_not_nwb, "not an NWB file"),
     "truncated NWB": Case(truncated, "truncated or corrupt"),
     "corrupt object header": Case(corrupt_header, "cannot be decoded: the file is corrupt here", f"{ES}/data"),
-    "corrupt compressed chunk": Case(corrupt_chunk, "rows 0:3000 of .* cannot be decoded, so the file is corrupt",
-                                     ES, in_flow=True),
+    "corrupt compressed chunk": Case(corrupt_chunk, "rows 1500:2000 of .* cannot be decoded, so the file is "
+                                                    "corrupt", f"{ES}/data", in_flow=True),  # that chunk's rows
     "no ElectricalSeries and no RoiResponseSeries": Case(no_series, "nothing to run: no built stage applies"),
     "ElectricalSeries with 0 samples": Case(ephys_samples(0), "data has 0 samples", f"{ES}/data"),
     "ElectricalSeries with 1 sample": Case(ephys_samples(1), "data has 1 samples", f"{ES}/data"),

@@ -11,6 +11,7 @@ from prefect.client.orchestration import get_client
 from pynwb import NWBHDF5IO
 
 from conftest import FAST_MOTION, sha256_of
+from nwbflow.cpu_threads import default_threads
 from nwbflow.errors import BadInputError
 from nwbflow.evaluation import score_detection
 from nwbflow.flows.session import process_session
@@ -37,10 +38,10 @@ def processed(prefect_server, small_session, tmp_path_factory):
     opened_by, keys = [], []
     real_init, real_key = NwbSession.__init__, runner.stage_key
 
-    def counting_init(self, path):
+    def counting_init(self, path, **kwargs):
         callers = [frame.name for frame in traceback.extract_stack()]
         opened_by.append(next(name for name in reversed(callers) if name.endswith("_task") or name == "plan_session"))
-        real_init(self, path)
+        real_init(self, path, **kwargs)
 
     def counting_key(stage, *args, **kwargs):
         keys.append(stage)
@@ -98,7 +99,8 @@ def test_provenance_rows_name_the_flow_run_inputs_and_outputs(processed, small_s
         assert all(not output.startswith("/") for output in row["outputs"])  # NWB object paths, no host paths
         assert (row["status"], row["error"]) == ("completed", "")
         assert all(not output.startswith("/") for output in row["outputs"])  # NWB object paths, no host paths
-    execution = {"device": "cpu", "threads": None, "seed": 0, "stage_timeout_s": None}  # the policy, in every row
+    # the policy, in every row; threads unset: this run's share of the cores
+    execution = {"device": "cpu", "threads": default_threads(), "seed": 0, "stage_timeout_s": None}
     assert rows[0]["parameters"] == {**PreprocessParams().model_dump(mode="json"),
                                      "execution": {**execution, "chunk": 1.0}}
     assert rows[1]["parameters"]["threshold_mad"] == PeakParams().threshold_mad

@@ -2,6 +2,10 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from nwbflow.cpu_threads import settle_openmp_waiting
+
+settle_openmp_waiting()  # before anything imports torch (libgomp reads it once, when loaded)
+
 try:
     __version__ = version("nwbflow")
 except PackageNotFoundError:  # running from a source tree that was never installed

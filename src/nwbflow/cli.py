@@ -93,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--drift", action="store_true", help="add probe drift")
     synth.add_argument("--no-ephys", action="store_true", help="leave out the ElectricalSeries")
     synth.add_argument("--no-ophys", action="store_true", help="leave out the calcium imaging data")
+    synth.add_argument("--adc-shifts", action="store_true",
+                       help="sample channels at Neuropixels 1.0 ADC delays (written as inter_sample_shift)")
+    synth.add_argument("--common-noise-uv", type=float, default=0.0,
+                       help="RMS (µV) of a common-mode signal on every channel (default 0)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--overwrite", action="store_true", help="replace OUT.nwb and its sidecars if present")
     synth.set_defaults(handler=_synth)
@@ -261,7 +265,8 @@ def _synth(args: argparse.Namespace) -> int:
 
     config = SynthConfig(duration_s=args.duration_s, num_channels=args.num_channels, num_units=args.num_units,
                          num_rois=args.num_rois, drift=args.drift, ephys=not args.no_ephys,
-                         ophys=not args.no_ophys, seed=args.seed)
+                         ophys=not args.no_ophys, seed=args.seed, adc_shifts=args.adc_shifts,
+                         common_noise_uv=args.common_noise_uv)
     write_synthetic_session(args.output, config, overwrite=args.overwrite)
     print(f"wrote {args.output} (ground truth in sidecar files beside it)")
     return EXIT_OK

@@ -31,11 +31,9 @@ def resolve_device(requested: str = "auto") -> torch.device:
 
 
 @contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """torch's intra-op CPU threads set to ``count`` for the ``with`` block, then restored (None: unchanged)."""
-    if count is None:
-        yield
-        return
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op CPU threads set to ``count`` for the ``with`` block, then restored
+    (the count: :meth:`nwbflow.params.ExecutionPolicy.cpu_threads`)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(int(count))
     try:

@@ -14,6 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from nwbflow.cpu_threads import default_threads
 from nwbflow.ephys.sorting.registry import SORTERS
 from nwbflow.errors import BadInputError
 
@@ -38,6 +39,10 @@ class PreprocessParams(_Params):
                                description="Band-pass high cut-off (Hz); must be below Nyquist.")
     filter_order: int = Field(3, ge=1, le=8,
                               description="Butterworth order of each pass (applied forward and backward).")
+    adc_phase_shift: bool = Field(
+        True, description="Delay each channel by its ADC sample shift (the electrodes table's inter_sample_shift, "
+                          "as NeuroConv writes for Neuropixels) before the common reference; no effect where the "
+                          "file has no shifts.")
     common_reference: bool = Field(True, description="Subtract the median across channels per sample.")
     whiten: bool = Field(True, description="Apply ZCA whitening estimated from sampled chunks.")
     whitening_mode: Literal["global", "local"] = Field(
@@ -292,8 +297,9 @@ class ExecutionPolicy(_Params):
 
     device: DeviceName = Field("auto", description="Compute device; 'auto' picks CUDA when present.")
     threads: int | None = Field(
-        None, ge=1, le=1024, description="CPU threads a stage's torch operations use; default: torch's own "
-                                         "(one per core).")
+        None, ge=1, le=1024, description="CPU threads a stage's torch operations use; default: this run's share "
+                                         "of the cores (the cores it may use / NWBFLOW_RUNS_AT_ONCE, which "
+                                         "`nwbflow worker --limit N` sets).")
     seed: int = Field(0, ge=0, description="Seed of every random choice: sampled chunks, clustering subsets, "
                                            "the motion fit, waveform spikes.")
     chunks: ChunkSizes = Field(default_factory=ChunkSizes)
@@ -311,13 +317,18 @@ class ExecutionPolicy(_Params):
                  "sorting": "sorting_s", "calcium": "calcium_windows"}[stage]
         return getattr(self.chunks, field)
 
+    def cpu_threads(self) -> int:
+        """The CPU threads a stage uses: ``threads``, or the run's share of the cores
+        (:func:`nwbflow.cpu_threads.default_threads`)."""
+        return self.threads if self.threads is not None else default_threads()
+
     def result_affecting(self, stage: str) -> dict:
         """What of the policy changes ``stage``'s output (its cache key holds it): the seed and its chunk."""
         return {"seed": self.seed, "chunk": self.chunk(stage)}
 
     def for_provenance(self, stage: str, device: str) -> dict:
         """The policy as ``stage`` ran under it (its chunk; the device it resolved to), for its provenance row."""
-        return {"device": device, "threads": self.threads, "seed": self.seed, "chunk": self.chunk(stage),
+        return {"device": device, "threads": self.cpu_threads(), "seed": self.seed, "chunk": self.chunk(stage),
                 "stage_timeout_s": self.stage_timeout_s}
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from nwbflow.cpu_threads import worker_environment
 from nwbflow.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def run_worker(worker_args: list[str]) -> int:
     # SIGINT back to its default in the worker: Prefect's worker stops on a SIGINT it sends itself, which a
     # process started in the background of a non-interactive shell (SIGINT ignored) would never see.
     child = subprocess.Popen([prefect, "worker", "start", *worker_args], start_new_session=True,
-                             preexec_fn=_default_sigint)
+                             preexec_fn=_default_sigint, env=worker_environment(worker_args))
     stopped_at: list[float] = []  # monotonic time of the first signal
     flow_runs: list[int] = []  # the worker's flow-run processes (each in its own session) when it came
 

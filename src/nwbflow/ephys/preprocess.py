@@ -16,7 +16,10 @@ windows of ``noise_sample_duration_s`` on every device.
 
 Per chunk, in order:
 
-1. subtract per-channel offsets in µV (estimated once from sampled chunks),
+1. subtract per-channel offsets in µV (estimated once from sampled chunks);
+   with ``sample_shifts`` (an ADC's staggered sampling, e.g. Neuropixels 1.0),
+   delay each channel by its shift (:func:`~nwbflow.ephys.phase_shift.delay_channels`)
+   so that every channel is read at the frame's time,
 2. subtract the median across channels per sample (:func:`median_across_channels`),
 3. pad to the full margin where the recording ends (odd reflection),
 4. zero-phase Butterworth band-pass (:mod:`nwbflow.ephys.filtering`): multiply
@@ -56,6 +59,7 @@ from nwbflow.ephys.chunk_stream import refuse_non_finite, stream_to_binary
 from nwbflow.ephys.chunks import ProgressFn, TraceSource, Window, WindowPrefetcher, read_window, sample_chunk_ranges
 from nwbflow.ephys.filtering import (DEFAULT_MARGIN_TOLERANCE, bandpass_gain, design_bandpass, fft_length,
                                      filter_margin_samples, filter_padded_window, host_tensor, zero_phase_filter)
+from nwbflow.ephys.phase_shift import delay_channels
 from nwbflow.ephys.recording import PreprocessedRecording, SessionClock
 from nwbflow.ephys.whitening import local_whitening_matrix, whitening_matrix
 from nwbflow.errors import BadInputError
@@ -145,10 +149,11 @@ class _ChunkKernel:
 
     def __init__(self, sos: np.ndarray, margin_samples: int, device: torch.device | str, *,
                  offsets_uv: np.ndarray | None = None, common_reference: bool = False,
-                 whitening: np.ndarray | None = None):
+                 whitening: np.ndarray | None = None, sample_shifts: np.ndarray | None = None):
         self.sos, self.margin, self.device = sos, int(margin_samples), torch.device(device)
         self.common_reference = common_reference
         self.offsets = None if offsets_uv is None else self._constant(offsets_uv)
+        self.shifts = None if sample_shifts is None else self._constant(sample_shifts)
         self.whitening_t = None if whitening is None else self._constant(np.asarray(whitening).T).contiguous()
         self._workspace: _Workspace | None = None
 
@@ -189,6 +194,8 @@ class _ChunkKernel:
         finite = torch.isfinite(data.sum())  # no sync: read by the caller after its own
         if self.offsets is not None:
             data.sub_(self.offsets)
+        if self.shifts is not None:
+            data.copy_(delay_channels(data, self.shifts))
         if self.common_reference:
             data.sub_(median_across_channels(data, scratch=work.scratch[:rows])[:, None])
         filtered = filter_padded_window(work.window, pad_before, rows, pad_after, self.sos,
@@ -226,7 +233,7 @@ class _Workspace:
 def preprocess_chunk(traces_uv: np.ndarray | torch.Tensor, sos: np.ndarray, margin_samples: int, *,
                      context: tuple[int, int] | None = None, offsets_uv: np.ndarray | None = None,
                      common_reference: bool = True, whitening: np.ndarray | None = None,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+                     sample_shifts: np.ndarray | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """Offsets, common median reference, band-pass and whitening of one window.
 
     Parameters
@@ -248,6 +255,8 @@ def preprocess_chunk(traces_uv: np.ndarray | torch.Tensor, sos: np.ndarray, marg
         Subtract the median across channels per sample.
     whitening : (num_channels, num_channels) float or None
         ``W``, applied to every filtered sample of the core as ``W @ x``.
+    sample_shifts : (num_channels,) float or None, samples
+        Each channel's ADC sampling delay, undone after the offsets (:func:`delay_channels`).
     device : torch.device or str
         Where to compute.
 
@@ -259,7 +268,7 @@ def preprocess_chunk(traces_uv: np.ndarray | torch.Tensor, sos: np.ndarray, marg
     """
     before, after = (margin_samples, margin_samples) if context is None else context
     kernel = _ChunkKernel(sos, margin_samples, device, offsets_uv=offsets_uv,
-                          common_reference=common_reference, whitening=whitening)
+                          common_reference=common_reference, whitening=whitening, sample_shifts=sample_shifts)
     return kernel(Window(traces_uv, before, after))[0]
 
 
@@ -300,7 +309,7 @@ def estimate_offsets(source: TraceSource, ranges: np.ndarray, *, device: torch.d
 
 def estimate_covariance(source: TraceSource, ranges: np.ndarray, sos: np.ndarray, margin_samples: int, *,
                         offsets_uv: np.ndarray, common_reference: bool, device: torch.device | str = "cpu",
-                        backoff: OomBackoff | None = None) -> np.ndarray:
+                        backoff: OomBackoff | None = None, sample_shifts: np.ndarray | None = None) -> np.ndarray:
     """Channel covariance (second moment) of filtered traces over sampled chunks.
 
     Parameters
@@ -309,7 +318,7 @@ def estimate_covariance(source: TraceSource, ranges: np.ndarray, sos: np.ndarray
     backoff : OomBackoff, optional
         How each range is cut into windows (smaller where the device runs out
         of memory); default: whole ranges.
-    sos, margin_samples, offsets_uv, common_reference : as :func:`preprocess_chunk`.
+    sos, margin_samples, offsets_uv, common_reference, sample_shifts : as :func:`preprocess_chunk`.
 
     Returns
     -------
@@ -317,7 +326,8 @@ def estimate_covariance(source: TraceSource, ranges: np.ndarray, sos: np.ndarray
         ``sum x x^T / n`` over filtered samples (band-passed data has zero
         mean); each chunk's product in float32, summed in float64.
     """
-    kernel = _ChunkKernel(sos, margin_samples, device, offsets_uv=offsets_uv, common_reference=common_reference)
+    kernel = _ChunkKernel(sos, margin_samples, device, offsets_uv=offsets_uv, common_reference=common_reference,
+                          sample_shifts=sample_shifts)
     backoff = backoff or _whole_ranges(ranges, device)
     cov = torch.zeros((source.num_channels, source.num_channels), dtype=torch.float64, device=kernel.device)
     count = 0
@@ -346,17 +356,20 @@ def _whole_ranges(ranges: np.ndarray, device: torch.device | str) -> OomBackoff:
 
 @dataclass(frozen=True, eq=False)
 class _Estimates:
-    """What preprocessing estimates before it streams: the band-pass and its margin, offsets, W, W^-1."""
+    """What preprocessing estimates before it streams: the band-pass and its margin, offsets, W, W^-1 (and the
+    ADC sample shifts it undoes, or None)."""
 
     sos: np.ndarray
     margin: int
     offsets_uv: np.ndarray
     whitening: np.ndarray | None
     whitening_inverse: np.ndarray | None
+    sample_shifts: np.ndarray | None
 
     def kernel(self, params: PreprocessParams, device: torch.device) -> _ChunkKernel:
         return _ChunkKernel(self.sos, self.margin, device, offsets_uv=self.offsets_uv,
-                            common_reference=params.common_reference, whitening=self.whitening)
+                            common_reference=params.common_reference, whitening=self.whitening,
+                            sample_shifts=self.sample_shifts)
 
 
 def _band(params: PreprocessParams, sampling_rate_hz: float) -> tuple[np.ndarray, int]:
@@ -366,8 +379,9 @@ def _band(params: PreprocessParams, sampling_rate_hz: float) -> tuple[np.ndarray
 
 
 def _estimate(source: TraceSource, params: PreprocessParams, positions: np.ndarray | None, seed: int,
-              device: torch.device, backoff: OomBackoff | None = None) -> _Estimates:
-    """Offsets and (when ``params.whiten``) W from seeded sampled chunks."""
+              device: torch.device, backoff: OomBackoff | None = None,
+              shifts: np.ndarray | None = None) -> _Estimates:
+    """Offsets and (when ``params.whiten``) W from seeded sampled chunks (after undoing ``shifts``)."""
     sos, margin = _band(params, float(source.sampling_rate_hz))
     noise_window = max(int(round(params.noise_sample_duration_s * source.sampling_rate_hz)), 1)
     sampled = sample_chunk_ranges(source.num_samples, noise_window, params.noise_sample_chunks, seed)
@@ -375,20 +389,20 @@ def _estimate(source: TraceSource, params: PreprocessParams, positions: np.ndarr
     whitening = whitening_inverse = None
     if params.whiten:
         cov = estimate_covariance(source, sampled, sos, margin, offsets_uv=offsets, device=device,
-                                  common_reference=params.common_reference, backoff=backoff)
+                                  common_reference=params.common_reference, backoff=backoff, sample_shifts=shifts)
         if params.whitening_mode == "local":
             whitening = local_whitening_matrix(cov, positions, params.whitening_radius_um,
                                                params.whitening_regularization)
         else:
             whitening = whitening_matrix(cov, params.whitening_regularization)
         whitening_inverse = np.linalg.inv(whitening)
-    return _Estimates(sos, margin, offsets, whitening, whitening_inverse)
+    return _Estimates(sos, margin, offsets, whitening, whitening_inverse, shifts)
 
 
 def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path: str | Path, *,
                          chunk_duration_s: float = DEFAULT_CHUNKS.preprocess_s, seed: int = 0,
                          progress: ProgressFn | None = None, device: torch.device | str = "cpu",
-                         channel_positions_um: np.ndarray | None = None,
+                         channel_positions_um: np.ndarray | None = None, sample_shifts: np.ndarray | None = None,
                          clock: SessionClock | None = None) -> PreprocessedRecording:
     """Stream a recording through :func:`preprocess_chunk` into a float16 or float32 raw binary.
 
@@ -418,6 +432,9 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
     channel_positions_um : (num_channels, 2) float, µm, optional
         Kept in the record and needed by ``whitening_mode="local"``; default:
         the source's ``channel_positions_um`` attribute, when it has one.
+    sample_shifts : (num_channels,) float, samples, optional
+        Each channel's ADC sampling delay, undone when ``params.adc_phase_shift``; default: the source's
+        ``inter_sample_shift`` attribute, when it has one (None or all zero: nothing to undo).
     clock : SessionClock, optional
         The samples' session clock, kept in the record; default: the source's
         rate from time 0.
@@ -436,6 +453,7 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
     """
     _check_source(source, params)
     positions = _positions_for(source, params, channel_positions_um)
+    shifts = _shifts_for(source, params, sample_shifts)
     device = torch.device(device)
     fs = float(source.sampling_rate_hz)
     _, margin = _band(params, fs)
@@ -443,7 +461,7 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
                                              source.num_channels, device)
     backoff = OomBackoff(chunk_samples, min_chunk_samples=min(2 * margin, chunk_samples), device=device)
     started = time.perf_counter()
-    estimates = _estimate(source, params, positions, seed, device, backoff)
+    estimates = _estimate(source, params, positions, seed, device, backoff, shifts)
     out_path = Path(out_path)
     streams = torch.get_num_threads() if device.type == "cpu" else 1
     stream_to_binary(source, out_path, estimates.kernel(params, device), backoff, progress, streams=streams,
@@ -458,7 +476,7 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
         num_channels=int(source.num_channels), sampling_rate_hz=fs, channel_positions_um=positions,
         whitening=estimates.whitening, whitening_inverse=estimates.whitening_inverse,
         clock=clock or SessionClock(rate_hz=fs), offsets_uv=estimates.offsets_uv, margin_samples=margin,
-        device=str(device))
+        device=str(device), phase_shifted=shifts is not None)
 
 
 class PreprocessedSource:
@@ -471,12 +489,14 @@ class PreprocessedSource:
     """
 
     def __init__(self, source: TraceSource, params: PreprocessParams, *, seed: int = 0,
-                 device: torch.device | str = "cpu", channel_positions_um: np.ndarray | None = None):
+                 device: torch.device | str = "cpu", channel_positions_um: np.ndarray | None = None,
+                 sample_shifts: np.ndarray | None = None):
         _check_source(source, params)
         self._source, self._device = source, torch.device(device)
         self._params = params
         positions = _positions_for(source, params, channel_positions_um)
-        self.estimates = _estimate(source, params, positions, seed, self._device)
+        self.estimates = _estimate(source, params, positions, seed, self._device,
+                                   shifts=_shifts_for(source, params, sample_shifts))
         self._kernel = self.estimates.kernel(params, self._device)
         self.num_samples, self.num_channels = source.num_samples, source.num_channels
         self.sampling_rate_hz = source.sampling_rate_hz
@@ -523,3 +543,20 @@ def _positions_for(source: TraceSource, params: PreprocessParams, given: np.ndar
         raise BadInputError(f"channel_positions_um must be finite ({source.num_channels}, 2) µm, "
                             f"got shape {positions.shape}")
     return positions
+
+
+def _shifts_for(source: TraceSource, params: PreprocessParams, given: np.ndarray | None) -> np.ndarray | None:
+    """The ADC sample shifts to undo (samples): the argument, else the source's ``inter_sample_shift``; None when
+    ``params.adc_phase_shift`` is off, or there are none, or all are zero."""
+    if not params.adc_phase_shift:
+        return None
+    shifts = given if given is not None else getattr(source, "inter_sample_shift", None)
+    if shifts is None:
+        return None
+    shifts = np.asarray(shifts, dtype=np.float64).reshape(-1)
+    if shifts.shape != (source.num_channels,) or not np.isfinite(shifts).all():
+        raise BadInputError(f"ADC sample shifts must be {source.num_channels} finite numbers (one per channel), "
+                            f"got {shifts.shape[0]}{'' if np.isfinite(shifts).all() else ' with non-finite values'}",
+                            fix="rewrite the electrodes table's inter_sample_shift column, or set "
+                                "preprocess.adc_phase_shift=False")
+    return None if not shifts.any() else shifts

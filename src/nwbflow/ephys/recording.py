@@ -128,6 +128,9 @@ class PreprocessedRecording:
         Channels left out of referencing, whitening, detection and sorting (none yet).
     device : str
         Where preprocess ran.
+    phase_shifted : bool
+        Whether each channel's ADC sampling delay was undone (``PreprocessParams.adc_phase_shift`` and the
+        file's ``inter_sample_shift``).
     """
 
     binary_path: Path
@@ -143,6 +146,7 @@ class PreprocessedRecording:
     margin_samples: int
     bad_channels: tuple[int, ...] = field(default=())
     device: str = "cpu"
+    phase_shifted: bool = False
 
     def open(self) -> ArraySource | BinaryFileSource:
         """The binary as a :class:`~nwbflow.ephys.chunks.TraceSource` (float32 windows)."""
@@ -168,7 +172,8 @@ class PreprocessedRecording:
             "whitening": None if self.whitening is None else WHITENING_FILE,
             "whitening_inverse": None if self.whitening_inverse is None else WHITENING_INVERSE_FILE,
             "clock": self.clock.to_json(folder), "offsets_uv": np.asarray(self.offsets_uv, np.float64).tolist(),
-            "margin_samples": self.margin_samples, "bad_channels": list(self.bad_channels), "device": self.device}
+            "margin_samples": self.margin_samples, "bad_channels": list(self.bad_channels), "device": self.device,
+            "phase_shifted": self.phase_shifted}
         with atomic_path(folder / RECORD_FILE) as tmp:
             tmp.write_text(json.dumps(payload, indent=1))
         return folder / RECORD_FILE
@@ -186,7 +191,8 @@ class PreprocessedRecording:
                    whitening_inverse=_load_matrix(folder, data["whitening_inverse"]),
                    clock=SessionClock.from_json(data["clock"], folder),
                    offsets_uv=np.asarray(data["offsets_uv"], np.float64), margin_samples=int(data["margin_samples"]),
-                   bad_channels=tuple(int(c) for c in data["bad_channels"]), device=data["device"])
+                   bad_channels=tuple(int(c) for c in data["bad_channels"]), device=data["device"],
+                   phase_shifted=bool(data.get("phase_shifted", False)))
 
 
 def _load_matrix(folder: Path, name: str | None) -> np.ndarray | None:

@@ -39,7 +39,7 @@ from pynwb.spec import (
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "ndx-nwbflow"
-VERSION = "0.2.0"
+VERSION = "0.2.1"
 NAMESPACE_FILE = f"{NAMESPACE}.namespace.yaml"
 EXTENSIONS_FILE = f"{NAMESPACE}.extensions.yaml"
 SPEC_DIR = Path(__file__).resolve().parent / "spec"
@@ -70,7 +70,8 @@ _PROVENANCE_COLUMN_DOCS: tuple[tuple[str, bool, str], ...] = (
                                 "names the input file across copies and renames."),
     ("input_objects", True, "Object path of each input inside its file, e.g. "
                             "'acquisition/ElectricalSeries'."),
-    ("input_sha256", True, "Content hash of each input's data, 'sha256:<hex>'."),
+    ("input_sha256", True, "Content hash of each input's data: 'sha256:<hex>' of its decoded values, or "
+                     "'sha256-stored:<hex>' of its stored (compressed) chunks."),
     ("outputs", True, "NWB object paths this stage's results were written to in this file (work-directory "
                       "artifacts are recorded in the work directory, not here). Absent when no row has any "
                       "(e.g. every stage's result was skipped): an empty list column trips some readers."),

@@ -232,11 +232,14 @@ class ValueScan:
             self.first_nan = (first_row + row, col)
         self.num_nan += int((~finite).sum())
 
+    def varies(self) -> bool:
+        """Whether some column has taken two values so far (so the series is not flat)."""
+        return bool(np.any(self._low < self._high))
+
     def check_scaled(self, gain, offset: float, unit: str) -> None:
         """BadInputError when ``data * gain + offset`` (``gain`` a number or one per column), the traces as
         read, leaves the float32 range: a conversion that cannot be right."""
-        with np.errstate(over="ignore", invalid="ignore"):
-            peak = float(np.max(np.maximum(np.abs(self._low), np.abs(self._high)) * np.abs(gain))) + abs(offset)
+        peak = scaled_peak(self._low, self._high, gain, offset)
         if peak < float(np.finfo(np.float32).max):
             return
         raise BadInputError(f"data * conversion + offset reaches {peak:.3g} {unit}, beyond the float32 range "
@@ -260,6 +263,12 @@ class ValueScan:
             log.warning("%s: %s: %d NaN values (missing %ss), the first at %s %d, %s %d; they are treated "
                         "as gaps and filled by interpolation over time", self.path, self.obj, self.num_nan,
                         self.row, self.row, self.first_nan[0], self.column, self.first_nan[1])
+
+
+def scaled_peak(low, high, gain, offset: float) -> float:
+    """The largest ``|value * gain + offset|`` (bound) for values between ``low`` and ``high`` (per column)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.max(np.maximum(np.abs(low), np.abs(high)) * np.abs(gain))) + abs(offset)
 
 
 def content_hash(data: h5py.Dataset, read_rows, scan: ValueScan, block_bytes: int, *,
@@ -394,6 +403,28 @@ def positions_um(table: h5py.HLObject, indices: np.ndarray, *, path: Path,
     positions = np.zeros((indices.size, 2))
     positions[:, 1] = np.arange(indices.size) * FALLBACK_PITCH_UM
     return positions, True
+
+
+#: The electrodes column holding each channel's ADC sampling delay, in samples (NeuroConv, for Neuropixels).
+SAMPLE_SHIFT_COLUMN = "inter_sample_shift"
+
+
+def sample_shifts(table: h5py.HLObject, indices: np.ndarray, *, path: Path, obj: str) -> np.ndarray | None:
+    """Each channel's ADC sampling delay (fractions of a sample) from the electrodes table's
+    ``inter_sample_shift``, or None where the table has none; a column that is not one finite number per row
+    is logged and left out (the series is processed without the correction)."""
+    column = _column(table, SAMPLE_SHIFT_COLUMN)
+    if column is None:
+        return None
+    try:
+        values = np.asarray(column, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        values = np.array([np.nan])
+    if values.size == table_rows(table, path=path) and np.isfinite(values[indices]).all():
+        return values[indices]
+    warn_once(path, obj, SAMPLE_SHIFT_COLUMN, "%s: %s: the electrodes table's %s is not one finite number per "
+              "row; the channels' ADC sampling delays are not corrected", path, obj, SAMPLE_SHIFT_COLUMN)
+    return None
 
 
 def _position_values(table: h5py.HLObject, columns: list, names: tuple[str, str], *,

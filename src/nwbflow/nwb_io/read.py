@@ -35,7 +35,9 @@ import h5py
 import numpy as np
 
 from nwbflow.errors import BadInputError
+from nwbflow.cpu_threads import default_threads
 from nwbflow.nwb_io import _hdf5, _series, roles
+from nwbflow.nwb_io._chunks import StoredChunks, decodable
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,14 @@ HASH_BLOCK_BYTES = 32 << 20
 SELECT_FIX = "pass `electrical_series` with the object path of the series to process"
 
 
-def open_session(path: str | Path) -> NwbSession:
+def open_session(path: str | Path, *, decode_threads: int | None = None) -> NwbSession:
     """Open an NWB file read-only; use as a context manager.
 
     Parameters
     ----------
     path : the NWB 2.x HDF5 file.
+    decode_threads : threads that inflate a compressed series' chunks at once (default: this run's share
+        of the cores, :func:`nwbflow.cpu_threads.default_threads`; a stage passes its policy's threads).
 
     Raises
     ------
@@ -64,7 +68,7 @@ def open_session(path: str | Path) -> NwbSession:
     ...
     nwbflow.errors.BadInputError: no/such/session.nwb: file not found. Fix: check the path...
     """
-    return NwbSession(path)
+    return NwbSession(path, decode_threads=decode_threads)
 
 
 def describe(path: str | Path) -> dict:
@@ -157,9 +161,11 @@ class NwbSession:
     nwb_version : the NWB schema version the file declares (e.g. "2.7.0").
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, decode_threads: int | None = None):
         self.path = Path(path).expanduser()
         self._h5: h5py.File | None = _hdf5.open_hdf5(self.path)
+        self._readers: list[StoredChunks] = []
+        self._decode_threads = decode_threads or default_threads()
         try:
             with _hdf5.decoding(self.path):
                 self.nwb_version = _hdf5.nwb_version_of(self._h5, self.path)
@@ -185,7 +191,9 @@ class NwbSession:
         return self._h5 is None
 
     def close(self) -> None:
-        """Close the file; idempotent."""
+        """Close the file (and the readers of its chunks); idempotent."""
+        while self._readers:
+            self._readers.pop().close()
         if self._h5 is not None:
             self._h5.close()
             self._h5 = None
@@ -377,6 +385,14 @@ class NwbSession:
                  and not (exclude and self._tree.is_a(t, exclude))]
         return sorted(paths, key=lambda p: (not p.startswith("acquisition/"), p))
 
+    def _chunk_reader(self, dataset: h5py.Dataset, obj: str) -> StoredChunks | None:
+        """A reader of ``dataset``'s stored chunks (closed with the session), or None where h5py must read it."""
+        if not decodable(dataset):
+            return None
+        reader = StoredChunks(dataset, threads=self._decode_threads, path=self.path, obj=obj)
+        self._readers.append(reader)
+        return reader
+
     def _check_open(self) -> None:
         if self._h5 is None:
             raise RuntimeError(f"the NwbSession of {self.path} is closed; read its series "
@@ -408,6 +424,9 @@ class EphysSeries:
         probe_vertical_position); when missing or not finite, a vertical line
         (x = 0, y = 0, 20, 40 ... µm) with a logged warning.
     positions_are_fallback : True when the fallback positions are used.
+    inter_sample_shift : (num_channels,) float64 or None
+        Each channel's ADC sampling delay (fractions of a sample) from the electrodes table's
+        ``inter_sample_shift`` (NeuroConv writes it for Neuropixels), or None.
     gains_uv : (num_channels,) float64 µV per raw unit
         (conversion * channel_conversion * 1e6 for data in volts).
     offset_uv : float, µV added after the gain (offset * 1e6).
@@ -417,6 +436,7 @@ class EphysSeries:
         self._session, self.file_path, self.object_path = session, session.path, object_path
         with _hdf5.decoding(self.file_path, object_path):
             self._check(session._group(object_path))
+        self._chunks = session._chunk_reader(self._data, f"{object_path}/data")
         self._hash: str | None = None
 
     def _check(self, group: h5py.Group) -> None:
@@ -430,9 +450,11 @@ class EphysSeries:
                               "channels", **where)
         self.gains_uv, self.offset_uv = _series.scaling_uv(group, self._data,
                                                            self.num_channels, **where)
+        self._gains_uv_f32 = self.gains_uv.astype(np.float32)  # traces are computed in float32, as SpikeInterface
         self._clock = _series.read_clock(group, self.num_samples, **where)
         self.channel_positions_um, self.positions_are_fallback = _series.positions_um(
             table, self.electrode_indices, **where)
+        self.inter_sample_shift = _series.sample_shifts(table, self.electrode_indices, **where)
 
     def __repr__(self) -> str:
         return (f"EphysSeries({self.file_path}:{self.object_path}, {self.num_samples} x "
@@ -478,10 +500,11 @@ class EphysSeries:
         """
         start, end = _series.check_range(start_sample, end_sample, self.num_samples)
         raw = self._read(slice(start, end)).reshape(end - start, self.num_channels)
-        traces = raw.astype(np.float64)
-        traces *= self.gains_uv
-        traces += self.offset_uv
-        return traces.astype(np.float32)
+        traces = raw.astype(np.float32)
+        traces *= self._gains_uv_f32
+        if self.offset_uv:
+            traces += np.float32(self.offset_uv)
+        return traces
 
     def sample_times_s(self, sample_indices: np.ndarray) -> np.ndarray:
         """Times in seconds on the session clock of ``sample_indices`` (any shape, ints).
@@ -503,25 +526,53 @@ class EphysSeries:
                               obj=self.object_path)
 
     def content_hash(self) -> str:
-        """``"sha256:<hex>"`` of data's dtype, shape and raw bytes; cached per instance.
+        """The series' content hash, after checking its values; cached per instance.
 
-        ``data`` is streamed in blocks of about ``HASH_BLOCK_BYTES`` (whole HDF5
-        chunks), so memory stays bounded; the digest does not depend on the
-        block size, nor on how the file chunks or compresses ``data``. This is
-        the one full read before processing, so it also checks every value:
-        BadInputError at the first NaN or infinity (naming its sample and
-        channel), when every channel is flat (no recording), or when the
-        conversion scales the data out of the float32 range of the traces.
+        Integer ``data`` in gzip/shuffle chunks (what NWB writers store): ``"sha256-stored:<hex>"`` of the
+        stored chunks (:meth:`~nwbflow.nwb_io._chunks.StoredChunks.stored_digest`: nothing decoded). Its
+        values cannot be NaN or infinite; the conversion is checked against the dtype's range, and samples
+        are decoded only until some channel varies (a flat series, all read, is refused). Where the dtype's
+        range scaled leaves float32 (a conversion that may still fit the values), every value is read.
+
+        Otherwise: ``"sha256:<hex>"`` of data's dtype, shape and decoded bytes, streamed in blocks of about
+        ``HASH_BLOCK_BYTES`` (whole HDF5 chunks), independent of the block size and of how the file chunks
+        or compresses ``data``; this read checks every value.
+
+        Either way BadInputError at the first NaN or infinity (naming its sample and channel), when every
+        channel is flat (no recording), or when the conversion scales the data out of the float32 range of
+        the traces.
         """
         if self._hash is None:
             scan = _series.ValueScan(self.num_channels, "sample", "channel", nan_is_gap=False,
                                      path=self.file_path, obj=f"{self.object_path}/data")
-            digest = _series.content_hash(self._data, self._read, scan, HASH_BLOCK_BYTES)
+            if self._chunks is not None and self._dtype_range_fits():
+                self._scan_until_varying(scan)
+                digest = self._chunks.stored_digest()
+            else:
+                digest = _series.content_hash(self._data, self._read, scan, HASH_BLOCK_BYTES)
             scan.finish()
             scan.check_scaled(self.gains_uv, self.offset_uv, "µV")
             self._hash = digest
         return self._hash
 
+    def _dtype_range_fits(self) -> bool:
+        """Integer data whose whole dtype range, scaled to µV, stays inside float32."""
+        if self._data.dtype.kind not in "iu":
+            return False
+        limits = np.iinfo(self._data.dtype)
+        peak = _series.scaled_peak(limits.min, limits.max, self.gains_uv, self.offset_uv)
+        return peak < float(np.finfo(np.float32).max)
+
+    def _scan_until_varying(self, scan: _series.ValueScan) -> None:
+        """Feed ``scan`` blocks of samples until some channel has varied (all of them for a flat series)."""
+        rows = _series.block_rows(self._data, HASH_BLOCK_BYTES)
+        for start in range(0, self.num_samples, rows):
+            scan.update(start, self._read(slice(start, start + rows)))
+            if scan.varies():
+                return
+
     def _read(self, selection: slice) -> np.ndarray:
         self._session._check_open()
+        if self._chunks is not None:
+            return self._chunks.read(selection.start, selection.stop)
         return _series.read(self._data, selection, path=self.file_path, obj=self.object_path)

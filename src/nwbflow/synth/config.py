@@ -70,6 +70,11 @@ class SynthConfig:
     fov_px : imaging field of view (pixels, square, 2 µm each).
     photon_gain_au : fluorescence units per photon; shot noise sd = sqrt(gain * F).
     compression : gzip the large datasets.
+    adc_shifts : sample channel ``c`` ``inter_sample_shift[c]`` of a sample period late, in the Neuropixels 1.0
+        pattern (:func:`nwbflow.ephys.phase_shift.neuropixels_1_shifts`), and write the shifts in the electrodes
+        table's ``inter_sample_shift`` column, as NeuroConv does.
+    common_noise_uv : RMS (µV) of a common-mode signal reaching every channel (12 sinusoids, 300-6000 Hz,
+        seeded), sampled at each channel's own time (with ``adc_shifts``, staggered).
     """
 
     duration_s: float = 30.0
@@ -96,6 +101,8 @@ class SynthConfig:
     fov_px: int = 64
     photon_gain_au: float = 2.0
     compression: bool = True
+    adc_shifts: bool = False
+    common_noise_uv: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("firing_rate_range_hz", "roi_rate_range_hz"):  # JSON gives lists; keep tuples
@@ -127,6 +134,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {
     "num_rois": (1, 1000, True), "imaging_rate_hz": (0.5, 1000.0, False), "seed": (0, 2**32 - 1, True),
     "lsb_uv": (0.01, 100.0, False), "drift_amplitude_um": (1.0, 200.0, False),
     "burst_fraction": (0.0, 1.0, False), "fov_px": (16, 1024, True), "photon_gain_au": (0.0, 1000.0, False),
+    "common_noise_uv": (0.0, 1000.0, False),
 }
 
 

@@ -150,13 +150,15 @@ def _int16_iterator_class():
     class Int16TraceIterator(GenericDataChunkIterator):
         """Streams ``recording.get_traces`` (µV) as int16 counts of ``lsb_uv``, clipped to int16."""
 
-        def __init__(self, recording, lsb_uv: float, **kwargs):
-            self._recording, self._lsb_uv, self.num_clipped = recording, float(lsb_uv), 0
+        def __init__(self, recording, lsb_uv: float, common=None, **kwargs):
+            self._recording, self._lsb_uv, self._common, self.num_clipped = recording, float(lsb_uv), common, 0
             super().__init__(**kwargs)
 
         def _get_data(self, selection: tuple[slice, ...]) -> np.ndarray:
             rows, cols = selection
             traces = self._recording.get_traces(start_frame=rows.start, end_frame=rows.stop)[:, cols]
+            if self._common is not None:
+                traces = traces + self._common(rows.start, rows.stop)[:, cols]
             counts = np.rint(traces.astype(np.float32) / np.float32(self._lsb_uv))
             limit = np.iinfo(np.int16).max
             clipped = int(np.count_nonzero(np.abs(counts) > limit))
@@ -174,7 +176,7 @@ def _int16_iterator_class():
     return Int16TraceIterator
 
 
-def traces_iterator(recording, lsb_uv: float, buffer_mb: float = 32.0):
+def traces_iterator(recording, lsb_uv: float, buffer_mb: float = 32.0, common=None):
     """A bounded-memory int16 chunk iterator over ``recording`` (HDF5 chunks <= ~2 MB, buffer ~buffer_mb).
 
     Parameters
@@ -182,14 +184,39 @@ def traces_iterator(recording, lsb_uv: float, buffer_mb: float = 32.0):
     recording : SpikeInterface recording whose raw traces are µV.
     lsb_uv : µV per int16 count.
     buffer_mb : int16 megabytes pulled from the recording per step (all channels).
+    common : callable, optional
+        ``common(start, stop)`` -> (stop - start, num_channels) µV added to the traces (a common-mode signal).
     """
     num_samples, num_channels = recording.get_num_samples(), recording.get_num_channels()
     chunk_channels = min(num_channels, 64)
     chunk_frames = int(min(num_samples, max(1024, 2**20 // chunk_channels)))
     per_chunk_row = chunk_frames * num_channels * 2
     buffer_frames = int(min(num_samples, chunk_frames * max(1, int(buffer_mb * 2**20 // per_chunk_row))))
-    return _int16_iterator_class()(recording, lsb_uv, chunk_shape=(chunk_frames, chunk_channels),
+    return _int16_iterator_class()(recording, lsb_uv, common, chunk_shape=(chunk_frames, chunk_channels),
                                    buffer_shape=(buffer_frames, num_channels))
+
+
+#: Sinusoids in the synthetic common-mode signal, and their band (Hz).
+COMMON_MODE_TONES, COMMON_MODE_BAND_HZ = 12, (300.0, 6000.0)
+
+
+def common_mode(config: SynthConfig, shifts: np.ndarray):
+    """``f(start, stop)`` -> (stop - start, num_channels) µV: a seeded sum of ``COMMON_MODE_TONES`` sinusoids of RMS
+    ``config.common_noise_uv``, channel ``c`` sampled at ``(n + shifts[c]) / rate`` (shifts in samples)."""
+    rng = np.random.default_rng([config.seed, 7])
+    frequencies = np.exp(rng.uniform(*np.log(COMMON_MODE_BAND_HZ), COMMON_MODE_TONES))
+    phases = rng.uniform(0, 2 * np.pi, COMMON_MODE_TONES)
+    amplitude = config.common_noise_uv * np.sqrt(2.0 / COMMON_MODE_TONES)  # RMS of the sum = common_noise_uv
+    shifts = np.asarray(shifts, np.float64)
+
+    def signal(start: int, stop: int) -> np.ndarray:
+        times_s = (np.arange(start, stop)[:, None] + shifts[None, :]) / config.sampling_rate_hz
+        out = np.zeros(times_s.shape)
+        for frequency, phase in zip(frequencies, phases):
+            out += np.sin(2 * np.pi * frequency * times_s + phase)
+        return (amplitude * out).astype(np.float32)
+
+    return signal
 
 
 def _add_ephys(nwbfile, synth: SynthRecording, config: SynthConfig):
@@ -202,13 +229,29 @@ def _add_ephys(nwbfile, synth: SynthRecording, config: SynthConfig):
         name="probe0", device=device, location=config.brain_area,
         description="Single shank, 4 staggered columns (x = 11, 27, 43, 59 µm), 20 µm row pitch, "
                     "12 µm square contacts; rel_x/rel_y in µm.")
+    from nwbflow.ephys.phase_shift import neuropixels_1_shifts
+    from nwbflow.nwb_io._series import SAMPLE_SHIFT_COLUMN
+
     nwbfile.add_electrode_column(name="channel_name", description="Channel id in the recording.")
+    shifts = neuropixels_1_shifts(config.num_channels) if config.adc_shifts else np.zeros(config.num_channels)
+    extra = {}
+    if config.adc_shifts:
+        nwbfile.add_electrode_column(name=SAMPLE_SHIFT_COLUMN, description="Time-delay of each channel's sampling "
+                                     "as a fraction of the sample period (Neuropixels 1.0 ADC pattern).")
     for index, (x_um, y_um) in enumerate(synth.probe.contact_positions):
+        if config.adc_shifts:
+            extra[SAMPLE_SHIFT_COLUMN] = float(shifts[index])
         nwbfile.add_electrode(group=group, location=config.brain_area, rel_x=float(x_um), rel_y=float(y_um),
-                              channel_name=str(index))
+                              channel_name=str(index), **extra)
     region = nwbfile.create_electrode_table_region(region=list(range(config.num_channels)),
                                                    description="All probe contacts.")
-    iterator = traces_iterator(synth.recording, config.lsb_uv)
+    recording = synth.recording
+    if config.adc_shifts:  # channel c's sample n taken at (n + shift_c) / rate: an advance of shift_c samples
+        from spikeinterface.preprocessing import phase_shift
+
+        recording = phase_shift(recording, inter_sample_shift=-shifts)
+    common = common_mode(config, shifts) if config.common_noise_uv > 0 else None
+    iterator = traces_iterator(recording, config.lsb_uv, common=common)
     series = ElectricalSeries(
         name="ElectricalSeries", data=_data_io(iterator, config), electrodes=region,
         starting_time=0.0, rate=float(config.sampling_rate_hz), conversion=config.lsb_uv * 1e-6, offset=0.0,

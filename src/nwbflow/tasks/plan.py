@@ -2,8 +2,9 @@
 
 The plan is made once per run, from one opening of the input. A session holds one chain of stages per
 series: every probe's raw band (``nwbflow.nwb_io.roles``: preprocess, peaks, motion, sorting) and each
-segmentation's ROI traces (calcium). Each series is content-hashed (the one full read before processing,
-which also checks every value) and gets its own work directory, keyed by that hash. A series that cannot
+segmentation's ROI traces (calcium). Each series is content-hashed, its values checked on the way
+(``EphysSeries.content_hash``: integer samples in gzip chunks by their stored bytes, nothing decoded past
+the first varying block), and gets its own work directory, keyed by that hash. A series that cannot
 be processed (its clock is broken, its values are not finite, its segmentation is ambiguous) is set aside
 with its error: it fails alone. :meth:`SessionPlan.spec` turns a series' stage into its
 :class:`~nwbflow.tasks.runner.StageSpec` (its cache key computed there, once).
@@ -144,7 +145,7 @@ def check_input(nwb_path: str | Path, params: SessionParams) -> tuple[tuple[str,
     Raises BadInputError for an unreadable file, inapplicable stages, and when no series can be
     processed (the first series' own error). Used by the CLI before it starts Prefect.
     """
-    with open_session(nwb_path) as session:
+    with open_session(nwb_path, decode_threads=params.execution.cpu_threads()) as session:
         series, failures = _choose(session, Path(nwb_path), params, None)
     if not series:
         raise failures[0].error
@@ -154,14 +155,16 @@ def check_input(nwb_path: str | Path, params: SessionParams) -> tuple[tuple[str,
 def plan_session(nwb_path: str | Path, params: SessionParams, workdir_root: str | Path) -> SessionPlan:
     """Pick and hash the series, their stages and work directories; resolve the device.
 
-    Hashing reads every value once and checks it (NaN/infinities, flat data, a conversion out of range);
-    a hash memoized for an unchanged file skips that read and those checks. A series that fails here is
+    Hashing checks the values (NaN/infinities, flat data, a conversion out of range): integer samples in
+    gzip chunks are hashed by their stored bytes, decoding samples only until a channel varies; other data
+    is read once in full (``EphysSeries.content_hash``). A hash memoized for an unchanged file skips that
+    read and those checks. A series that fails here is
     set aside (``SessionPlan.failures``); when every one fails, its error is raised.
     """
     device = str(resolve_device(params.execution.device))
     nwb_path, workdir_root = Path(nwb_path).resolve(), Path(workdir_root)
     workdir_root.mkdir(parents=True, exist_ok=True)
-    with open_session(nwb_path) as session:
+    with open_session(nwb_path, decode_threads=params.execution.cpu_threads()) as session:
         series, failures = _choose(session, nwb_path, params, workdir_root)
         identifier = session.identifier
     if not series:

@@ -16,7 +16,7 @@ PREPROCESSED = "preprocessed.bin"
 @task(name="preprocess", **STAGE_TASK)
 def preprocess_task(spec: StageSpec, params: PreprocessParams, upstream: dict[str, StageOutcome]) -> StageOutcome:
     """Offset, median CAR, zero-phase band-pass, whitening -> float16/float32 binary + ``recording.json``."""
-    with StageRun(spec) as run, open_session(spec.nwb_path) as session:
+    with StageRun(spec) as run, open_session(spec.nwb_path, decode_threads=spec.policy.cpu_threads()) as session:
         series = session.select_ephys(spec.series)
         clock = SessionClock(series.sampling_rate_hz, series.starting_time_s,
                              copy_timestamps(series.timestamps_s, run.directory / TIMESTAMPS_FILE)
@@ -24,10 +24,11 @@ def preprocess_task(spec: StageSpec, params: PreprocessParams, upstream: dict[st
         recording = preprocess_to_binary(series, params, run.directory / PREPROCESSED,
                                          chunk_duration_s=spec.policy.chunks.preprocess_s, seed=spec.policy.seed,
                                          progress=run.progress(series.num_samples), device=run.device,
-                                         channel_positions_um=series.channel_positions_um, clock=clock)
+                                         channel_positions_um=series.channel_positions_um,
+                                         sample_shifts=series.inter_sample_shift, clock=clock)
         record = recording.save(run.directory)
         duration_s = recording.num_samples / recording.sampling_rate_hz
         summary = {"channels": recording.num_channels, "sampling_rate_hz": recording.sampling_rate_hz,
-                   "recording_s": round(duration_s, 3)}
+                   "recording_s": round(duration_s, 3), "adc_phase_shift": recording.phase_shifted}
         return run.finish({"preprocessed": recording.binary_path, "recording": record}, summary,
                           recording_s=duration_s)

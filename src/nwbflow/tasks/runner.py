@@ -157,7 +157,7 @@ class StageRun:
         self.started, self._clock = utc_now(), time.perf_counter()
         self.directory.mkdir(parents=True, exist_ok=True)
         tune_host_allocator()
-        self._stack.enter_context(torch_threads(self.spec.policy.threads))
+        self._stack.enter_context(torch_threads(self.spec.policy.cpu_threads()))
         if self.device.type == "cuda":
             self._stack.enter_context(concurrency(GPU_LIMIT, occupy=1))
         log.info("stage %s runs on %s", self.spec.stage, self.device)
