@@ -1,4 +1,4 @@
-"""Neuropixels-specific preprocessing measured against ground truth: the ADC sample-shift correction.
+"""Neuropixels-specific preprocessing measured against ground truth: ADC sample shifts, bad channels.
 
 Data: two seeded synthetic sessions written by ``nwbflow synth`` (``--num-channels`` channels, Neuropixels 1.0
 ADC delays written as the electrodes' ``inter_sample_shift``, the same units, spikes and per-channel noise),
@@ -9,6 +9,13 @@ whitening so the output stays in µV) with ``adc_phase_shift`` on and off.
 Truth: the session without the common-mode signal, preprocessed the same way. ``residual µV`` is the RMS
 over all samples and channels of (preprocessed with the signal) - (preprocessed without it): what the
 common reference failed to cancel. ``x real time`` is the preprocessing's speed on the session with the signal.
+
+Bad channels: a third seeded session (same probe and units, the shared background of ``--common-noise-uv``
+on the channels in the brain) with ``--dead`` dead channels, ``--noisy`` noisy ones (4x the noise) and the
+top ``--outside`` contacts outside the brain (``nwbflow synth --dead-channels/--noisy-channels/
+--outside-channels``). Ours (``detect_bad_channels``, defaults) and SpikeInterface's
+``detect_bad_channels(method="coherence+psd")`` label it; each label is scored against the truth
+(channels found / missed / wrongly labelled) with its wall time.
 
     .venv/bin/python benchmarks/neuropixels.py --out benchmarks/results/neuropixels.json
 """
@@ -40,11 +47,42 @@ def _preprocess(path: Path, out: Path, correct: bool) -> tuple[np.ndarray, float
     return np.fromfile(out, dtype=np.float32).reshape(record.num_samples, record.num_channels), seconds
 
 
+def _bad_channel_rows(path: Path, truth: dict[str, list[int]]) -> list[dict]:
+    import spikeinterface.preprocessing as spre
+
+    from nwbflow.ephys.preprocess import detect_bad_channels
+    from nwbflow.nwb_io.si_recording import NwbSeriesRecording
+    from nwbflow.params import BadChannelParams
+
+    with open_session(path) as session:
+        series = session.select_ephys()
+        clock = time.perf_counter()
+        ours = detect_bad_channels(series, BadChannelParams(), series.channel_positions_um, seed=0).by_label()
+        ours_s = time.perf_counter() - clock
+    recording = NwbSeriesRecording(path, "acquisition/ElectricalSeries")
+    clock = time.perf_counter()
+    _, labels = spre.detect_bad_channels(recording, method="coherence+psd", seed=0)
+    theirs_s = time.perf_counter() - clock
+    recording.close()
+    names = {"dead": "dead", "noise": "noisy", "out": "outside"}
+    theirs = {name: [int(c) for c in np.flatnonzero(labels == si)] for si, name in names.items()}
+    rows = []
+    for method, found, seconds in (("ours", ours, ours_s), ("spikeinterface", theirs, theirs_s)):
+        for label, channels in truth.items():
+            hit = set(found.get(label, [])) & set(channels)
+            rows.append({"method": method, "label": label, "truth": len(channels), "found": len(hit),
+                         "wrong": len(set(found.get(label, [])) - set(channels)), "seconds": round(seconds, 2)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-channels", type=int, default=384)
     parser.add_argument("--duration-s", type=float, default=10.0)
     parser.add_argument("--common-noise-uv", type=float, default=20.0)
+    parser.add_argument("--dead", type=int, default=3)
+    parser.add_argument("--noisy", type=int, default=3)
+    parser.add_argument("--outside", type=int, default=24)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/neuropixels.json"))
     args = parser.parse_args()
     rows = []
@@ -62,11 +100,29 @@ def main() -> None:
             rows.append({"adc_phase_shift": correct, "residual_uv": round(residual, 3),
                          "x_realtime": round(args.duration_s / seconds, 2)})
             print(rows[-1], flush=True)
+        rng = np.random.default_rng(5)
+        picked = rng.choice(args.num_channels - args.outside, args.dead + args.noisy, replace=False)
+        damaged = work / "damaged.nwb"
+        config = SynthConfig(**base, common_noise_uv=args.common_noise_uv, outside_channels=args.outside,
+                             dead_channels=tuple(int(c) for c in picked[:args.dead]),
+                             noisy_channels=tuple(int(c) for c in picked[args.dead:]))
+        write_synthetic_session(damaged, config)
+        with open_session(damaged) as session:
+            positions = session.select_ephys().channel_positions_um
+        from nwbflow.synth.ephys import outside_channel_indices
+
+        truth = {"dead": sorted(config.dead_channels), "noisy": sorted(config.noisy_channels),
+                 "outside": outside_channel_indices(config, positions).tolist()}
+        bad_rows = _bad_channel_rows(damaged, truth)
+    print(format_table(["method", "label", "truth", "found", "wrongly labelled", "seconds"],
+                       [[r["method"], r["label"], r["truth"], r["found"], r["wrong"], r["seconds"]]
+                        for r in bad_rows], 100))
     print(format_table(["adc_phase_shift", "residual µV", "x real time"],
                        [[str(r["adc_phase_shift"]), r["residual_uv"], r["x_realtime"]] for r in rows], 100))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"session": {"num_channels": args.num_channels, "duration_s": args.duration_s,
-                                                "common_noise_uv": args.common_noise_uv}, "rows": rows}, indent=2))
+                                                "common_noise_uv": args.common_noise_uv}, "rows": rows,
+                                    "bad_channels": {"truth": truth, "rows": bad_rows}}, indent=2))
 
 
 if __name__ == "__main__":

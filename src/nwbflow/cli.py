@@ -97,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="sample channels at Neuropixels 1.0 ADC delays (written as inter_sample_shift)")
     synth.add_argument("--common-noise-uv", type=float, default=0.0,
                        help="RMS (µV) of a common-mode signal on every channel (default 0)")
+    synth.add_argument("--dead-channels", type=int, nargs="*", default=[], metavar="C",
+                       help="channels that record nothing (1 µV of their own noise)")
+    synth.add_argument("--noisy-channels", type=int, nargs="*", default=[], metavar="C",
+                       help="channels with 4x the noise")
+    synth.add_argument("--outside-channels", type=int, default=0, metavar="N",
+                       help="contacts at the top of the probe outside the brain (no spikes, no shared signal)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--overwrite", action="store_true", help="replace OUT.nwb and its sidecars if present")
     synth.set_defaults(handler=_synth)
@@ -266,7 +272,8 @@ def _synth(args: argparse.Namespace) -> int:
     config = SynthConfig(duration_s=args.duration_s, num_channels=args.num_channels, num_units=args.num_units,
                          num_rois=args.num_rois, drift=args.drift, ephys=not args.no_ephys,
                          ophys=not args.no_ophys, seed=args.seed, adc_shifts=args.adc_shifts,
-                         common_noise_uv=args.common_noise_uv)
+                         common_noise_uv=args.common_noise_uv, dead_channels=tuple(args.dead_channels),
+                         noisy_channels=tuple(args.noisy_channels), outside_channels=args.outside_channels)
     write_synthetic_session(args.output, config, overwrite=args.overwrite)
     print(f"wrote {args.output} (ground truth in sidecar files beside it)")
     return EXIT_OK

@@ -31,6 +31,40 @@ class _Params(BaseModel):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
 
+class BadChannelParams(_Params):
+    """Dead, noisy and outside-the-brain channels (IBL's coherence + spectrum method,
+    ``nwbflow.ephys.bad_channels``); the thresholds are IBL's (and SpikeInterface's) defaults, and
+    ``dead_rms_below`` ours."""
+
+    detect: bool = Field(True, description="Detect bad channels and leave them out of the common reference, "
+                                           "whitening, detection, sorting and the units' electrodes (probes of "
+                                           "at least 16 channels).")
+    chunks: int = Field(50, ge=1, le=10000, description="Windows sampled (seeded) to label channels; each "
+                                                       "channel takes the label it gets most often.")
+    chunk_s: float = Field(0.3, gt=0.01, le=10, description="Length of each window (s).")
+    highpass_hz: float = Field(300.0, gt=0, description="Zero-phase high-pass applied to each window first (Hz).")
+    neighbours: int = Field(11, ge=3, le=101, description="Channels of the median filter along the probe (odd).")
+    dead_below: float = Field(-0.5, description="Dead: similarity to the probe minus its neighbours' below this ...")
+    dead_rms_below: float = Field(
+        0.5, gt=0, description="... and high-passed RMS below this fraction of the probe's median channel RMS "
+                               "(our addition: spares channels under large units where the probe carries no "
+                               "shared background).")
+    noisy_above: float = Field(1.0, description="Noisy: similarity minus its neighbours' above this ...")
+    psd_hf_above_uv2_hz: float = Field(
+        0.02, gt=0, description="... or mean power above nyquist_fraction of Nyquist above this (µV²/Hz).")
+    nyquist_fraction: float = Field(0.8, gt=0, lt=1, description="Where the high-frequency band starts.")
+    outside_below: float = Field(-0.75, description="Outside: the block at the top of the probe whose neighbours' "
+                                                    "similarity is below 1 + this.")
+    welch_ms: float = Field(10.0, gt=0.1, le=1000, description="Welch window of the spectrum (ms).")
+
+    @field_validator("neighbours")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"neighbours must be odd, got {value}")
+        return value
+
+
 class PreprocessParams(_Params):
     """Offset removal, median common reference, zero-phase band-pass, ZCA whitening."""
 
@@ -43,6 +77,7 @@ class PreprocessParams(_Params):
         True, description="Delay each channel by its ADC sample shift (the electrodes table's inter_sample_shift, "
                           "as NeuroConv writes for Neuropixels) before the common reference; no effect where the "
                           "file has no shifts.")
+    bad_channels: BadChannelParams = Field(default_factory=BadChannelParams)
     common_reference: bool = Field(True, description="Subtract the median across channels per sample.")
     whiten: bool = Field(True, description="Apply ZCA whitening estimated from sampled chunks.")
     whitening_mode: Literal["global", "local"] = Field(

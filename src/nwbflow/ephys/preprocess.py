@@ -20,7 +20,8 @@ Per chunk, in order:
    with ``sample_shifts`` (an ADC's staggered sampling, e.g. Neuropixels 1.0),
    delay each channel by its shift (:func:`~nwbflow.ephys.phase_shift.delay_channels`)
    so that every channel is read at the frame's time,
-2. subtract the median across channels per sample (:func:`median_across_channels`),
+2. subtract the median across channels per sample (:func:`median_across_channels`; over the good
+   channels only when bad channels were found: :mod:`nwbflow.ephys.bad_channels`),
 3. pad to the full margin where the recording ends (odd reflection),
 4. zero-phase Butterworth band-pass (:mod:`nwbflow.ephys.filtering`): multiply
    the window's spectrum by ``|H(f)|^2`` of one pass (:func:`bandpass_gain`),
@@ -28,7 +29,8 @@ Per chunk, in order:
 5. drop the margins (:func:`filter_margin_samples` samples on each side); ZCA
    whitening (:mod:`nwbflow.ephys.whitening`: :func:`whitening_matrix`, or per
    channel neighbourhood :func:`local_whitening_matrix`), estimated from the
-   covariance (µV²) of sampled chunks after steps 1-4.
+   covariance (µV²) of sampled chunks after steps 1-4, over the good channels; bad channels come out
+   as zeros (whitened or not), so detection, motion and sorting see nothing there.
 
 The streaming chunk is sized so that core plus margins fill one 5-smooth FFT
 length (:func:`fft_length`) exactly. The band-pass and whitening functions
@@ -59,11 +61,12 @@ from nwbflow.ephys.chunk_stream import refuse_non_finite, stream_to_binary
 from nwbflow.ephys.chunks import ProgressFn, TraceSource, Window, WindowPrefetcher, read_window, sample_chunk_ranges
 from nwbflow.ephys.filtering import (DEFAULT_MARGIN_TOLERANCE, bandpass_gain, design_bandpass, fft_length,
                                      filter_margin_samples, filter_padded_window, host_tensor, zero_phase_filter)
+from nwbflow.ephys.bad_channels import BadChannels, channel_labels
 from nwbflow.ephys.phase_shift import delay_channels
 from nwbflow.ephys.recording import PreprocessedRecording, SessionClock
 from nwbflow.ephys.whitening import local_whitening_matrix, whitening_matrix
 from nwbflow.errors import BadInputError
-from nwbflow.params import DEFAULT_CHUNKS, PreprocessParams
+from nwbflow.params import DEFAULT_CHUNKS, BadChannelParams, PreprocessParams
 
 __all__ = ["CPU_WINDOW_BYTES", "DEFAULT_MARGIN_TOLERANCE", "PreprocessedSource", "bandpass_gain", "design_bandpass",
            "estimate_covariance", "estimate_offsets", "fft_length", "filter_margin_samples", "local_whitening_matrix",
@@ -149,11 +152,17 @@ class _ChunkKernel:
 
     def __init__(self, sos: np.ndarray, margin_samples: int, device: torch.device | str, *,
                  offsets_uv: np.ndarray | None = None, common_reference: bool = False,
-                 whitening: np.ndarray | None = None, sample_shifts: np.ndarray | None = None):
+                 whitening: np.ndarray | None = None, sample_shifts: np.ndarray | None = None,
+                 bad_channels: np.ndarray | None = None, num_channels: int | None = None):
         self.sos, self.margin, self.device = sos, int(margin_samples), torch.device(device)
         self.common_reference = common_reference
         self.offsets = None if offsets_uv is None else self._constant(offsets_uv)
         self.shifts = None if sample_shifts is None else self._constant(sample_shifts)
+        self.bad = self.good = None
+        if bad_channels is not None and len(bad_channels):
+            good = np.setdiff1d(np.arange(num_channels), bad_channels)
+            self.bad, self.good = (torch.as_tensor(np.asarray(c), dtype=torch.int64, device=self.device)
+                                   for c in (bad_channels, good))
         self.whitening_t = None if whitening is None else self._constant(np.asarray(whitening).T).contiguous()
         self._workspace: _Workspace | None = None
 
@@ -196,14 +205,21 @@ class _ChunkKernel:
             data.sub_(self.offsets)
         if self.shifts is not None:
             data.copy_(delay_channels(data, self.shifts))
-        if self.common_reference:
+        if self.common_reference and self.good is not None:
+            good = data.index_select(1, self.good)
+            data.sub_(median_across_channels(good, scratch=good)[:, None])
+        elif self.common_reference:
             data.sub_(median_across_channels(data, scratch=work.scratch[:rows])[:, None])
         filtered = filter_padded_window(work.window, pad_before, rows, pad_after, self.sos,
                                         spectrum=work.spectrum, out=work.filtered)
         core = filtered[self.margin:self.margin + rows - window.context_before - window.context_after]
         if self.whitening_t is not None:
-            return torch.matmul(core, self.whitening_t, out=work.whitened[:len(core)] if out is None else out), finite
-        return (core if out is None else out.copy_(core)), finite
+            core = torch.matmul(core, self.whitening_t, out=work.whitened[:len(core)] if out is None else out)
+        elif out is not None:
+            core = out.copy_(core)
+        if self.bad is not None:
+            core.index_fill_(1, self.bad, 0.0)
+        return core, finite
 
 
 @dataclass(frozen=True, eq=False)
@@ -309,7 +325,8 @@ def estimate_offsets(source: TraceSource, ranges: np.ndarray, *, device: torch.d
 
 def estimate_covariance(source: TraceSource, ranges: np.ndarray, sos: np.ndarray, margin_samples: int, *,
                         offsets_uv: np.ndarray, common_reference: bool, device: torch.device | str = "cpu",
-                        backoff: OomBackoff | None = None, sample_shifts: np.ndarray | None = None) -> np.ndarray:
+                        backoff: OomBackoff | None = None, sample_shifts: np.ndarray | None = None,
+                        bad_channels: np.ndarray | None = None) -> np.ndarray:
     """Channel covariance (second moment) of filtered traces over sampled chunks.
 
     Parameters
@@ -319,6 +336,8 @@ def estimate_covariance(source: TraceSource, ranges: np.ndarray, sos: np.ndarray
         How each range is cut into windows (smaller where the device runs out
         of memory); default: whole ranges.
     sos, margin_samples, offsets_uv, common_reference, sample_shifts : as :func:`preprocess_chunk`.
+    bad_channels : (k,) int, optional
+        Left out of the common reference (their rows and columns of the result are zero).
 
     Returns
     -------
@@ -327,7 +346,7 @@ def estimate_covariance(source: TraceSource, ranges: np.ndarray, sos: np.ndarray
         mean); each chunk's product in float32, summed in float64.
     """
     kernel = _ChunkKernel(sos, margin_samples, device, offsets_uv=offsets_uv, common_reference=common_reference,
-                          sample_shifts=sample_shifts)
+                          sample_shifts=sample_shifts, bad_channels=bad_channels, num_channels=source.num_channels)
     backoff = backoff or _whole_ranges(ranges, device)
     cov = torch.zeros((source.num_channels, source.num_channels), dtype=torch.float64, device=kernel.device)
     count = 0
@@ -365,11 +384,18 @@ class _Estimates:
     whitening: np.ndarray | None
     whitening_inverse: np.ndarray | None
     sample_shifts: np.ndarray | None
+    bad: BadChannels | None
 
     def kernel(self, params: PreprocessParams, device: torch.device) -> _ChunkKernel:
         return _ChunkKernel(self.sos, self.margin, device, offsets_uv=self.offsets_uv,
                             common_reference=params.common_reference, whitening=self.whitening,
-                            sample_shifts=self.sample_shifts)
+                            sample_shifts=self.sample_shifts, bad_channels=self.bad_indices,
+                            num_channels=len(self.offsets_uv))
+
+    @property
+    def bad_indices(self) -> np.ndarray:
+        """Bad channels (int64; empty when none were found or detection was off)."""
+        return np.zeros(0, np.int64) if self.bad is None else self.bad.indices
 
 
 def _band(params: PreprocessParams, sampling_rate_hz: float) -> tuple[np.ndarray, int]:
@@ -386,17 +412,59 @@ def _estimate(source: TraceSource, params: PreprocessParams, positions: np.ndarr
     noise_window = max(int(round(params.noise_sample_duration_s * source.sampling_rate_hz)), 1)
     sampled = sample_chunk_ranges(source.num_samples, noise_window, params.noise_sample_chunks, seed)
     offsets = estimate_offsets(source, sampled, device=device)
+    bad = detect_bad_channels(source, params.bad_channels, positions, seed)
+    bad_indices = np.zeros(0, np.int64) if bad is None else bad.indices
     whitening = whitening_inverse = None
     if params.whiten:
         cov = estimate_covariance(source, sampled, sos, margin, offsets_uv=offsets, device=device,
-                                  common_reference=params.common_reference, backoff=backoff, sample_shifts=shifts)
-        if params.whitening_mode == "local":
-            whitening = local_whitening_matrix(cov, positions, params.whitening_radius_um,
-                                               params.whitening_regularization)
-        else:
-            whitening = whitening_matrix(cov, params.whitening_regularization)
-        whitening_inverse = np.linalg.inv(whitening)
-    return _Estimates(sos, margin, offsets, whitening, whitening_inverse, shifts)
+                                  common_reference=params.common_reference, backoff=backoff, sample_shifts=shifts,
+                                  bad_channels=bad_indices)
+        whitening, whitening_inverse = _whitening(cov, params, positions, bad_indices)
+    return _Estimates(sos, margin, offsets, whitening, whitening_inverse, shifts, bad)
+
+
+def _whitening(cov: np.ndarray, params: PreprocessParams, positions: np.ndarray | None,
+               bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W and W^-1 over the good channels (zero rows and columns for the bad ones)."""
+    good = np.setdiff1d(np.arange(len(cov)), bad)
+    block = cov[np.ix_(good, good)]
+    if params.whitening_mode == "local":
+        own = local_whitening_matrix(block, positions[good], params.whitening_radius_um,
+                                     params.whitening_regularization)
+    else:
+        own = whitening_matrix(block, params.whitening_regularization)
+    whitening, inverse = np.zeros_like(cov), np.zeros_like(cov)
+    whitening[np.ix_(good, good)] = own
+    inverse[np.ix_(good, good)] = np.linalg.inv(own)
+    return whitening, inverse
+
+
+#: Fewer channels than this are not searched for bad ones (the method compares a channel with the probe).
+MIN_CHANNELS_FOR_BAD_CHANNELS = 16
+
+
+def detect_bad_channels(source: TraceSource, params: BadChannelParams, positions: np.ndarray | None,
+                        seed: int) -> BadChannels | None:
+    """Label channels on ``params.chunks`` seeded windows (:mod:`nwbflow.ephys.bad_channels`); None when
+    detection is off or the probe has fewer than ``MIN_CHANNELS_FOR_BAD_CHANNELS`` channels."""
+    if not params.detect or source.num_channels < MIN_CHANNELS_FOR_BAD_CHANNELS:
+        return None
+    rate = float(source.sampling_rate_hz)
+    window = max(int(round(params.chunk_s * rate)), 1)
+    if params.highpass_hz >= rate / 2 or min(window, source.num_samples) < 2 * params.welch_ms * rate / 1000:
+        log.info("bad channels not searched: %d samples at %g Hz are too few for the method", source.num_samples,
+                 rate)
+        return None
+    ranges = sample_chunk_ranges(source.num_samples, window, params.chunks, seed)
+    windows = [source.get_traces(int(a), int(b)) for a, b in ranges]
+    found = channel_labels(windows, rate, positions, highpass_hz=params.highpass_hz,
+                           **params.model_dump(exclude={"detect", "chunks", "chunk_s", "highpass_hz"}))
+    if found.indices.size:
+        log.warning("bad channels (left out of the common reference, whitening, detection and sorting): %s",
+                    "; ".join(f"{name} {channels}" for name, channels in found.by_label().items() if channels))
+    if found.indices.size > source.num_channels / 3:
+        log.warning("over a third of the channels were labelled bad: the labels may be wrong where so many are")
+    return found
 
 
 def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path: str | Path, *,
@@ -476,7 +544,9 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
         num_channels=int(source.num_channels), sampling_rate_hz=fs, channel_positions_um=positions,
         whitening=estimates.whitening, whitening_inverse=estimates.whitening_inverse,
         clock=clock or SessionClock(rate_hz=fs), offsets_uv=estimates.offsets_uv, margin_samples=margin,
-        device=str(device), phase_shifted=shifts is not None)
+        device=str(device), phase_shifted=shifts is not None,
+        bad_channels=tuple(int(c) for c in estimates.bad_indices),
+        bad_channel_labels={} if estimates.bad is None else estimates.bad.by_label())
 
 
 class PreprocessedSource:

@@ -125,7 +125,10 @@ class PreprocessedRecording:
     margin_samples : int
         Context read on each side of every chunk (the band-pass's).
     bad_channels : tuple of int
-        Channels left out of referencing, whitening, detection and sorting (none yet).
+        Channels left out of referencing, whitening, detection and sorting (zeros in the binary).
+    bad_channel_labels : dict
+        ``{"dead": [...], "noisy": [...], "outside": [...]}``: why each was left out (empty when detection
+        was off or the probe too small).
     device : str
         Where preprocess ran.
     phase_shifted : bool
@@ -147,6 +150,7 @@ class PreprocessedRecording:
     bad_channels: tuple[int, ...] = field(default=())
     device: str = "cpu"
     phase_shifted: bool = False
+    bad_channel_labels: dict = field(default_factory=dict)
 
     def open(self) -> ArraySource | BinaryFileSource:
         """The binary as a :class:`~nwbflow.ephys.chunks.TraceSource` (float32 windows)."""
@@ -173,7 +177,7 @@ class PreprocessedRecording:
             "whitening_inverse": None if self.whitening_inverse is None else WHITENING_INVERSE_FILE,
             "clock": self.clock.to_json(folder), "offsets_uv": np.asarray(self.offsets_uv, np.float64).tolist(),
             "margin_samples": self.margin_samples, "bad_channels": list(self.bad_channels), "device": self.device,
-            "phase_shifted": self.phase_shifted}
+            "phase_shifted": self.phase_shifted, "bad_channel_labels": self.bad_channel_labels}
         with atomic_path(folder / RECORD_FILE) as tmp:
             tmp.write_text(json.dumps(payload, indent=1))
         return folder / RECORD_FILE
@@ -192,7 +196,8 @@ class PreprocessedRecording:
                    clock=SessionClock.from_json(data["clock"], folder),
                    offsets_uv=np.asarray(data["offsets_uv"], np.float64), margin_samples=int(data["margin_samples"]),
                    bad_channels=tuple(int(c) for c in data["bad_channels"]), device=data["device"],
-                   phase_shifted=bool(data.get("phase_shifted", False)))
+                   phase_shifted=bool(data.get("phase_shifted", False)),
+                   bad_channel_labels=data.get("bad_channel_labels", {}))
 
 
 def _load_matrix(folder: Path, name: str | None) -> np.ndarray | None:

@@ -34,8 +34,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from nwbflow.errors import BadInputError
 from nwbflow.cpu_threads import default_threads
+from nwbflow.errors import BadInputError
 from nwbflow.nwb_io import _hdf5, _series, roles
 from nwbflow.nwb_io._chunks import StoredChunks, decodable
 

@@ -73,8 +73,13 @@ class SynthConfig:
     adc_shifts : sample channel ``c`` ``inter_sample_shift[c]`` of a sample period late, in the Neuropixels 1.0
         pattern (:func:`nwbflow.ephys.phase_shift.neuropixels_1_shifts`), and write the shifts in the electrodes
         table's ``inter_sample_shift`` column, as NeuroConv does.
-    common_noise_uv : RMS (µV) of a common-mode signal reaching every channel (12 sinusoids, 300-6000 Hz,
-        seeded), sampled at each channel's own time (with ``adc_shifts``, staggered).
+    common_noise_uv : RMS (µV) of a common-mode signal reaching every channel in the brain (12 sinusoids,
+        300-6000 Hz, seeded), sampled at each channel's own time (with ``adc_shifts``, staggered): the shared
+        background a probe's channels in the brain carry.
+    dead_channels : channels that record nothing but 1 µV of their own noise (no spikes, no shared signal).
+    noisy_channels : channels with their own white noise at 4x ``noise_level_uv`` added.
+    outside_channels : this many contacts at the top of the probe (largest y) lie outside the brain: no spikes,
+        no shared signal, their own noise at ``noise_level_uv``.
     """
 
     duration_s: float = 30.0
@@ -103,12 +108,17 @@ class SynthConfig:
     compression: bool = True
     adc_shifts: bool = False
     common_noise_uv: float = 0.0
+    dead_channels: tuple[int, ...] = ()
+    noisy_channels: tuple[int, ...] = ()
+    outside_channels: int = 0
 
     def __post_init__(self) -> None:
         for name in ("firing_rate_range_hz", "roi_rate_range_hz"):  # JSON gives lists; keep tuples
             value = getattr(self, name)
             if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
                 object.__setattr__(self, name, tuple(float(v) for v in value))
+        for name in ("dead_channels", "noisy_channels"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         problems = _config_problems(self)
         if problems:
             raise BadInputError(f"invalid SynthConfig: {'; '.join(problems)}",
@@ -171,6 +181,10 @@ def _config_problems(c: SynthConfig) -> list[str]:
         (not c.ophys or c.duration_s * c.imaging_rate_hz >= 2, "ophys needs duration_s * imaging_rate_hz >= 2"),
         (all(isinstance(a, str) and a.strip() for a in (c.brain_area, c.imaging_area)),
          "brain_area and imaging_area must be non-empty strings (Allen CCF terms)"),
+        (all(0 <= ch < c.num_channels for ch in (*c.dead_channels, *c.noisy_channels)),
+         f"dead_channels and noisy_channels must lie in [0, {c.num_channels})"),
+        (isinstance(c.outside_channels, int) and 0 <= c.outside_channels < c.num_channels,
+         f"outside_channels must be a whole number in [0, {c.num_channels}), got {c.outside_channels!r}"),
     ]
     return [message for ok, message in checks if not ok]
 

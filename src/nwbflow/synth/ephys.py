@@ -150,15 +150,16 @@ def _int16_iterator_class():
     class Int16TraceIterator(GenericDataChunkIterator):
         """Streams ``recording.get_traces`` (µV) as int16 counts of ``lsb_uv``, clipped to int16."""
 
-        def __init__(self, recording, lsb_uv: float, common=None, **kwargs):
-            self._recording, self._lsb_uv, self._common, self.num_clipped = recording, float(lsb_uv), common, 0
+        def __init__(self, recording, lsb_uv: float, alter=None, **kwargs):
+            self._recording, self._lsb_uv, self._alter, self.num_clipped = recording, float(lsb_uv), alter, 0
             super().__init__(**kwargs)
 
         def _get_data(self, selection: tuple[slice, ...]) -> np.ndarray:
             rows, cols = selection
-            traces = self._recording.get_traces(start_frame=rows.start, end_frame=rows.stop)[:, cols]
-            if self._common is not None:
-                traces = traces + self._common(rows.start, rows.stop)[:, cols]
+            traces = self._recording.get_traces(start_frame=rows.start, end_frame=rows.stop)
+            if self._alter is not None:
+                traces = self._alter(rows.start, rows.stop, traces)
+            traces = traces[:, cols]
             counts = np.rint(traces.astype(np.float32) / np.float32(self._lsb_uv))
             limit = np.iinfo(np.int16).max
             clipped = int(np.count_nonzero(np.abs(counts) > limit))
@@ -176,7 +177,7 @@ def _int16_iterator_class():
     return Int16TraceIterator
 
 
-def traces_iterator(recording, lsb_uv: float, buffer_mb: float = 32.0, common=None):
+def traces_iterator(recording, lsb_uv: float, buffer_mb: float = 32.0, alter=None):
     """A bounded-memory int16 chunk iterator over ``recording`` (HDF5 chunks <= ~2 MB, buffer ~buffer_mb).
 
     Parameters
@@ -184,15 +185,16 @@ def traces_iterator(recording, lsb_uv: float, buffer_mb: float = 32.0, common=No
     recording : SpikeInterface recording whose raw traces are µV.
     lsb_uv : µV per int16 count.
     buffer_mb : int16 megabytes pulled from the recording per step (all channels).
-    common : callable, optional
-        ``common(start, stop)`` -> (stop - start, num_channels) µV added to the traces (a common-mode signal).
+    alter : callable, optional
+        ``alter(start, stop, traces)`` -> traces: what the probe does to samples ``[start, stop)`` (µV, all
+        channels) before they are stored (:func:`probe_effects`).
     """
     num_samples, num_channels = recording.get_num_samples(), recording.get_num_channels()
     chunk_channels = min(num_channels, 64)
     chunk_frames = int(min(num_samples, max(1024, 2**20 // chunk_channels)))
     per_chunk_row = chunk_frames * num_channels * 2
     buffer_frames = int(min(num_samples, chunk_frames * max(1, int(buffer_mb * 2**20 // per_chunk_row))))
-    return _int16_iterator_class()(recording, lsb_uv, common, chunk_shape=(chunk_frames, chunk_channels),
+    return _int16_iterator_class()(recording, lsb_uv, alter, chunk_shape=(chunk_frames, chunk_channels),
                                    buffer_shape=(buffer_frames, num_channels))
 
 
@@ -217,6 +219,39 @@ def common_mode(config: SynthConfig, shifts: np.ndarray):
         return (amplitude * out).astype(np.float32)
 
     return signal
+
+
+def outside_channel_indices(config: SynthConfig, positions_um: np.ndarray) -> np.ndarray:
+    """The ``config.outside_channels`` contacts at the top of the probe (largest y, then x), ascending."""
+    order = np.lexsort((positions_um[:, 0], positions_um[:, 1]))
+    return np.sort(order[len(order) - config.outside_channels:]) if config.outside_channels else order[:0]
+
+
+def probe_effects(config: SynthConfig, shifts: np.ndarray, positions_um: np.ndarray):
+    """``alter(start, stop, traces)``: the common-mode signal on the channels in the brain, then the dead,
+    noisy and outside channels of ``config`` (their noise seeded by ``config.seed`` and ``start``); None when
+    the config asks for none of these."""
+    outside = outside_channel_indices(config, positions_um)
+    if not (config.common_noise_uv or config.dead_channels or config.noisy_channels or outside.size):
+        return None
+    common = common_mode(config, shifts) if config.common_noise_uv > 0 else None
+    in_brain = np.ones(config.num_channels, bool)
+    in_brain[outside] = False
+
+    def alter(start: int, stop: int, traces: np.ndarray) -> np.ndarray:
+        traces = np.array(traces, dtype=np.float32)
+        rng = np.random.default_rng([config.seed, 11, start])
+        if common is not None:
+            traces[:, in_brain] += common(start, stop)[:, in_brain]
+        for channels, sd_uv in ((outside, config.noise_level_uv), (list(config.dead_channels), 1.0)):
+            if len(channels):
+                traces[:, channels] = rng.normal(0.0, sd_uv, (stop - start, len(channels)))
+        if config.noisy_channels:
+            traces[:, list(config.noisy_channels)] += rng.normal(0.0, 4 * config.noise_level_uv,
+                                                                 (stop - start, len(config.noisy_channels)))
+        return traces
+
+    return alter
 
 
 def _add_ephys(nwbfile, synth: SynthRecording, config: SynthConfig):
@@ -250,8 +285,8 @@ def _add_ephys(nwbfile, synth: SynthRecording, config: SynthConfig):
         from spikeinterface.preprocessing import phase_shift
 
         recording = phase_shift(recording, inter_sample_shift=-shifts)
-    common = common_mode(config, shifts) if config.common_noise_uv > 0 else None
-    iterator = traces_iterator(recording, config.lsb_uv, common=common)
+    alter = probe_effects(config, shifts, np.asarray(synth.probe.contact_positions, np.float64))
+    iterator = traces_iterator(recording, config.lsb_uv, alter=alter)
     series = ElectricalSeries(
         name="ElectricalSeries", data=_data_io(iterator, config), electrodes=region,
         starting_time=0.0, rate=float(config.sampling_rate_hz), conversion=config.lsb_uv * 1e-6, offset=0.0,

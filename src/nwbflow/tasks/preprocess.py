@@ -29,6 +29,16 @@ def preprocess_task(spec: StageSpec, params: PreprocessParams, upstream: dict[st
         record = recording.save(run.directory)
         duration_s = recording.num_samples / recording.sampling_rate_hz
         summary = {"channels": recording.num_channels, "sampling_rate_hz": recording.sampling_rate_hz,
-                   "recording_s": round(duration_s, 3), "adc_phase_shift": recording.phase_shifted}
+                   "recording_s": round(duration_s, 3), "adc_phase_shift": recording.phase_shifted,
+                   "bad_channels": len(recording.bad_channels)}
         return run.finish({"preprocessed": recording.binary_path, "recording": record}, summary,
-                          recording_s=duration_s)
+                          recording_s=duration_s, notes=_notes(recording))
+
+
+def _notes(recording) -> tuple[str, ...]:
+    """What preprocess found in the data and acted on, for the provenance row (channel indices: data columns)."""
+    notes = [f"bad channels, {label}: {channels}" for label, channels in recording.bad_channel_labels.items()
+             if channels]
+    if recording.phase_shifted:
+        notes.append("ADC sample shifts (electrodes inter_sample_shift) undone before the common reference")
+    return tuple(notes)

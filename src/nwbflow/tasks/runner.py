@@ -91,10 +91,13 @@ class StageSpec:
     def path(self) -> Path:
         return Path(self.directory)
 
-    def provenance_parameters(self, device: str) -> str:
-        """The parameters and the execution policy as the stage ran (on ``device``), as JSON."""
-        return json.dumps({**self.parameters, "execution": self.policy.for_provenance(self.stage, device)},
-                          sort_keys=True, separators=(",", ":"))
+    def provenance_parameters(self, device: str, notes: tuple[str, ...] = ()) -> str:
+        """The parameters and the execution policy as the stage ran (on ``device``), as JSON; ``notes`` (what
+        the stage found and acted on) are added to the plan's."""
+        parameters = {**self.parameters, "execution": self.policy.for_provenance(self.stage, device)}
+        if notes:
+            parameters["notes"] = [*parameters.get("notes", []), *notes]
+        return json.dumps(parameters, sort_keys=True, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -177,18 +180,19 @@ class StageRun:
         return progress
 
     def finish(self, artifacts: dict[str, str | Path], summary: dict, *, device: str | None = None,
-               recording_s: float | None = None) -> StageOutcome:
+               recording_s: float | None = None, notes: tuple[str, ...] = ()) -> StageOutcome:
         """Write the provenance row and the done marker (last); the stage's outcome.
 
         ``device`` overrides the device recorded (e.g. "none" for a stage that had nothing to compute);
-        ``recording_s``, the duration of the recording processed (s), adds ``x_realtime`` to the summary.
+        ``recording_s``, the duration of the recording processed (s), adds ``x_realtime`` to the summary;
+        ``notes`` go into the provenance row's parameters (``notes``).
         """
         device = str(self.device) if device is None else device
         if recording_s is not None:
             summary = {**summary, "x_realtime": round(recording_s / max(time.perf_counter() - self._clock, 1e-9), 1)}
         artifacts = {name: str(path) for name, path in artifacts.items()}
         # The row's outputs are the NWB objects write-back puts the results in; artifacts stay in done.json.
-        record = stage_record(self.spec.stage, parameters_json=self.spec.provenance_parameters(device),
+        record = stage_record(self.spec.stage, parameters_json=self.spec.provenance_parameters(device, notes),
                               inputs=self.spec.inputs, outputs=(), start_time_utc=self.started, device=device)
         mark_complete(self.directory, summary, artifacts)
         return StageOutcome(self.spec.stage, self.spec.key, self.spec.directory, time.perf_counter() - self._clock,

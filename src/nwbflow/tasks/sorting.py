@@ -53,6 +53,7 @@ def sorting_task(spec: StageSpec, params: SortingParams, upstream: dict[str, Sta
             traces = UnwhitenedSource(source, recording.whitening_inverse)
             times_s, positions, inverse = recording.clock.times_s, recording.channel_positions_um, \
                 recording.whitening_inverse
+            excluded = recording.bad_channels
         else:
             raw = run.enter(closing(NwbSeriesRecording(spec.nwb_path, spec.series)))
             found = sorter.run(raw, params, run.directory / "spikeinterface")
@@ -61,12 +62,13 @@ def sorting_task(spec: StageSpec, params: SortingParams, upstream: dict[str, Sta
             series = run.enter(open_session(spec.nwb_path)).select_ephys(spec.series)
             traces = _filtered(series, spec)
             times_s, positions = series.sample_times_s, series.channel_positions_um
+            excluded = traces.estimates.bad_indices
         samples, units, num_units, nothing_found = trains
         if num_units == 0:  # a silent or too short recording: no units, nothing written, the session goes on
             log.warning("sorting stage on %s found no units: %s", spec.nwb_path, nothing_found)
             return run.finish({}, {"skipped": nothing_found})
         report = describe_units(traces, samples, units, num_units, positions, params, seed=spec.policy.seed,
-                                matched=matched, whitening_inverse=inverse)
+                                matched=matched, whitening_inverse=inverse, excluded_channels=excluded)
         artifacts = _save(run.directory, samples, times_s(samples), units, report, positions, params,
                           traces.sampling_rate_hz)
         if matched is not None:  # our templates (whitened scale) and which unit each belongs to

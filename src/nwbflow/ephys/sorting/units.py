@@ -149,13 +149,16 @@ def spike_amplitudes_uv(spike_templates: np.ndarray, spike_scalings: np.ndarray,
     return values[spike_templates] * spike_scalings
 
 
-def unit_channels(positions: np.ndarray, peak_channel: np.ndarray, radius_um: float) -> np.ndarray:
+def unit_channels(positions: np.ndarray, peak_channel: np.ndarray, radius_um: float,
+                  excluded: tuple[int, ...] | np.ndarray = ()) -> np.ndarray:
     """(U, K) each unit's K channels nearest its peak channel, nearest first (peak channel first).
 
     K is the most channels any channel has within ``radius_um``, so every unit gets the same count
-    (NWB's waveform_mean is rectangular and ordered as the unit's ``electrodes``).
+    (NWB's waveform_mean is rectangular and ordered as the unit's ``electrodes``). ``excluded`` channels
+    (bad ones) are never among them.
     """
     distance = np.linalg.norm(positions[:, None, :2] - positions[None, :, :2], axis=2)
+    distance[:, np.asarray(excluded, np.int64)] = np.inf
     count = int((distance <= radius_um).sum(axis=1).max()) if len(positions) else 0
     order = np.argsort(distance, axis=1, kind="stable")[:, :count]
     return order[peak_channel].astype(np.int64)
@@ -185,8 +188,8 @@ class UnitReport:
 
 def describe_units(source: TraceSource, spike_samples: np.ndarray, spike_units: np.ndarray, num_units: int,
                    channel_positions_um: np.ndarray, params: SortingParams, *, seed: int,
-                   matched: MatchedTemplates | None = None,
-                   whitening_inverse: np.ndarray | None = None) -> UnitReport:
+                   matched: MatchedTemplates | None = None, whitening_inverse: np.ndarray | None = None,
+                   excluded_channels: tuple[int, ...] | np.ndarray = ()) -> UnitReport:
     """Waveforms, amplitudes and quality metrics of sorted units.
 
     Parameters
@@ -205,6 +208,7 @@ def describe_units(source: TraceSource, spike_samples: np.ndarray, spike_units: 
         Our sorter's templates: amplitudes are then its scalings times the template's value at the
         unit's peak (needs ``whitening_inverse`` when the templates are whitened); otherwise each
         spike's value is read at its unit's peak channel.
+    excluded_channels : channel indices (bad ones) never reported among a unit's channels.
     """
     geometry = SnippetGeometry.of(params, source.sampling_rate_hz)
     waveforms = unit_waveforms(source, spike_samples, spike_units, num_units, geometry.before, geometry.width,
@@ -218,5 +222,5 @@ def describe_units(source: TraceSource, spike_samples: np.ndarray, spike_units: 
                               amplitudes, waveforms, filtered_noise_uv(source, seed), params.refractory_ms,
                               params.presence_bin_s)
     channels = unit_channels(np.asarray(channel_positions_um, np.float64), waveforms.peak_channel,
-                             params.template_radius_um)
+                             params.template_radius_um, excluded_channels)
     return UnitReport(waveforms, amplitudes, metrics, channels)
