@@ -230,7 +230,7 @@ def child(args: argparse.Namespace) -> None:
 
         if args.child.endswith("_h5py"):
             read.decodable = lambda dataset: False  # every read through h5py, as before issue 23
-        session = open_session(nwb_path(data_dir, args.duration_s))
+        session = open_session(nwb_path(data_dir, args.duration_s), decode_threads=threads)  # same threads
         source = session.select_ephys()
     clock = time.perf_counter()
     if args.child in ("nwb_hash", "nwb_hash_h5py"):
