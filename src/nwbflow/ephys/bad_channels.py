@@ -32,6 +32,7 @@ SpikeInterface's on the damaged test sessions (``tests/test_bad_channels.py``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,24 +136,27 @@ def label_window(window_uv: np.ndarray, rate_hz: float, *, neighbours: int, dead
     return labels
 
 
-def channel_labels(windows: list[np.ndarray], rate_hz: float, positions_um: np.ndarray | None, *, highpass_hz: float,
-                   **thresholds) -> BadChannels:
+def channel_labels(windows: Iterable[np.ndarray], rate_hz: float, positions_um: np.ndarray | None, *,
+                   highpass_hz: float, **thresholds) -> BadChannels:
     """Label each channel from raw windows ``(n, C)`` µV (sampled chunks), in data order.
 
     Parameters
     ----------
-    windows : list of (n, num_channels) float arrays, µV
+    windows : iterable of (n, num_channels) float arrays, µV
+        Consumed one at a time (a generator keeps one window in memory).
     rate_hz : float
     positions_um : (num_channels, 2) µm or None (data order is then the order along the probe)
     highpass_hz : float
         Zero-phase Butterworth high-pass (order 3, applied forward and backward) of each window first.
     thresholds : the keyword arguments of :func:`label_window` (see the module docstring).
     """
-    num_channels = windows[0].shape[1]
-    order = depth_order(positions_um, num_channels)
     sos = signal.butter(3, highpass_hz, btype="highpass", fs=rate_hz, output="sos")
-    votes = np.zeros((len(LABELS), num_channels), np.int64)
+    votes = order = None
     for window in windows:
+        if votes is None:
+            num_channels = window.shape[1]
+            order = depth_order(positions_um, num_channels)
+            votes = np.zeros((len(LABELS), num_channels), np.int64)
         filtered = zero_phase_filter(np.asarray(window, np.float32)[:, order], sos).numpy()
         votes[label_window(filtered, rate_hz, **thresholds), np.arange(num_channels)] += 1
     labels = np.empty(num_channels, np.int64)

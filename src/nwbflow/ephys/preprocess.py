@@ -456,7 +456,7 @@ def detect_bad_channels(source: TraceSource, params: BadChannelParams, positions
                  rate)
         return None
     ranges = sample_chunk_ranges(source.num_samples, window, params.chunks, seed)
-    windows = [source.get_traces(int(a), int(b)) for a, b in ranges]
+    windows = (source.get_traces(int(a), int(b)) for a, b in ranges)  # one in memory at a time
     found = channel_labels(windows, rate, positions, highpass_hz=params.highpass_hz,
                            **params.model_dump(exclude={"detect", "chunks", "chunk_s", "highpass_hz"}))
     if found.indices.size:

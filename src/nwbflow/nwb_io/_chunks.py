@@ -130,19 +130,19 @@ class StoredChunks:
     def _decode_rows(self, ks: list[int]) -> list[np.ndarray]:
         """Chunk rows ``ks`` decoded, (chunk_rows or fewer at the end, columns) each: stored bytes read here,
         in order, inflated on the pool."""
-        jobs = [(k, offset, self._stored(offset)) for k in ks for offset in self._offsets(k)]
-        pieces = list(self._pool.map(lambda job: self._decode(*job), jobs))
-        rows, at = [], 0
-        for k in ks:
-            height = min(self.chunk_rows, self.rows - k * self.chunk_rows)
-            block = np.empty((height, self.columns), dtype=self._data.dtype)
-            for _, column in self._offsets(k):
-                piece = pieces[at]
-                at += 1
-                width = min(self.chunk_columns, self.columns - column)
-                block[:, column:column + width] = piece[:height, :width]
-            rows.append(block)
-        return rows
+        blocks = [np.empty((min(self.chunk_rows, self.rows - k * self.chunk_rows), self.columns),
+                           dtype=self._data.dtype) for k in ks]
+
+        def place(block: np.ndarray, k: int, offset: tuple[int, int], stored) -> None:
+            column = offset[1]
+            width = min(self.chunk_columns, self.columns - column)
+            block[:, column:column + width] = self._decode(k, offset, stored)[:len(block), :width]
+
+        jobs = [self._pool.submit(place, block, k, offset, self._stored(offset))
+                for block, k in zip(blocks, ks) for offset in self._offsets(k)]
+        for job in jobs:
+            job.result()  # each piece lands in its own columns; an error is raised here
+        return blocks
 
     def _stored(self, offset: tuple[int, int]) -> tuple[int, bytes] | None:
         """(filter mask, stored bytes) of the chunk at ``offset``; None where the chunk was never written."""
