@@ -115,6 +115,5 @@ def test_one_window_labels_follow_the_method():
     window[:, 3] = rng.normal(0, 1, 9000)
     window[:, 10] += rng.normal(0, 40, 9000)  # 0.1 µV²/Hz
     window[:, 20:] = rng.normal(0, 3, (9000, 4))
-    labels = channel_labels([window], 30_000.0, None, highpass_hz=300.0,
-                            **BadChannelParams().model_dump(exclude={"detect", "chunks", "chunk_s", "highpass_hz"}))
+    labels = channel_labels([window], 30_000.0, None, BadChannelParams())
     assert labels.by_label() == {"dead": [3], "noisy": [10], "outside": [20, 21, 22, 23]}

@@ -41,6 +41,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy import signal
 
 from nwbflow.ephys.filtering import zero_phase_filter
+from nwbflow.ephys.median import median_across_channels
+from nwbflow.params import BadChannelParams
 
 __all__ = ["LABELS", "BadChannels", "channel_labels", "depth_order", "label_window"]
 
@@ -103,16 +105,6 @@ def _welch_high_band(window: np.ndarray, rate_hz: float, segment: int, fraction:
     return (power * doubled).mean(axis=-1, dtype=np.float64)
 
 
-def _row_median(values: np.ndarray) -> np.ndarray:
-    """``np.median(values, axis=1)`` by one partition of a copy about the middle (and the lower half's
-    maximum for an even count)."""
-    middle = values.shape[1] // 2
-    parted = np.partition(values, middle, axis=1)
-    if values.shape[1] % 2:
-        return parted[:, middle]
-    return 0.5 * (parted[:, :middle].max(axis=1) + parted[:, middle])
-
-
 def label_window(window_uv: np.ndarray, rate_hz: float, *, neighbours: int, dead_below: float, dead_rms_below: float,
                  noisy_above: float, outside_below: float, psd_hf_above_uv2_hz: float, nyquist_fraction: float,
                  welch_ms: float) -> np.ndarray:
@@ -120,7 +112,7 @@ def label_window(window_uv: np.ndarray, rate_hz: float, *, neighbours: int, dead
     window = np.asarray(window_uv, np.float32)
     window = window - window.mean(axis=0, keepdims=True)
     psd_hf = _welch_high_band(window, rate_hz, min(int(welch_ms * rate_hz / 1000), len(window)), nyquist_fraction)
-    reference = _row_median(window)
+    reference = median_across_channels(torch.from_numpy(window)).numpy()
     reference = reference - reference.mean()
     similarity = (window.T @ reference).astype(np.float64) / max(float(reference @ reference), 1e-30)
     trend = _shrinking_median(similarity, neighbours)
@@ -136,8 +128,8 @@ def label_window(window_uv: np.ndarray, rate_hz: float, *, neighbours: int, dead
     return labels
 
 
-def channel_labels(windows: Iterable[np.ndarray], rate_hz: float, positions_um: np.ndarray | None, *,
-                   highpass_hz: float, **thresholds) -> BadChannels:
+def channel_labels(windows: Iterable[np.ndarray], rate_hz: float, positions_um: np.ndarray | None,
+                   params: BadChannelParams) -> BadChannels:
     """Label each channel from raw windows ``(n, C)`` µV (sampled chunks), in data order.
 
     Parameters
@@ -146,11 +138,13 @@ def channel_labels(windows: Iterable[np.ndarray], rate_hz: float, positions_um: 
         Consumed one at a time (a generator keeps one window in memory).
     rate_hz : float
     positions_um : (num_channels, 2) µm or None (data order is then the order along the probe)
-    highpass_hz : float
-        Zero-phase Butterworth high-pass (order 3, applied forward and backward) of each window first.
-    thresholds : the keyword arguments of :func:`label_window` (see the module docstring).
+    params : BadChannelParams
+        ``highpass_hz``: zero-phase Butterworth high-pass (order 3, applied forward and backward) of each
+        window first; the thresholds of :func:`label_window` (see the module docstring). ``detect``,
+        ``chunks`` and ``chunk_s`` are the caller's (which windows).
     """
-    sos = signal.butter(3, highpass_hz, btype="highpass", fs=rate_hz, output="sos")
+    sos = signal.butter(3, params.highpass_hz, btype="highpass", fs=rate_hz, output="sos")
+    thresholds = params.model_dump(exclude={"detect", "chunks", "chunk_s", "highpass_hz"})
     votes = order = None
     for window in windows:
         if votes is None:
