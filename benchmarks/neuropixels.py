@@ -17,6 +17,16 @@ top ``--outside`` contacts outside the brain (``nwbflow synth --dead-channels/--
 ``detect_bad_channels(method="coherence+psd")`` label it; each label is scored against the truth
 (channels found / missed / wrongly labelled) with its wall time.
 
+Saturation: two more seeded sessions, the same units and noise, one with ``--saturation-events`` artifacts
+(2-20 ms each, every channel driven past the ±1.2 mV rails and clipped: ``nwbflow synth
+--saturation-events``) and one without. Each is preprocessed with defaults (whitened); with the saturation
+rule off and with ``pad_ms`` from 0 to 4 ms. ``events found`` / ``false periods``: truth artifacts touched
+by a zeroed period / zeroed periods touching none. Peaks (``detect_peaks``, defaults, noise levels of the clean
+session) within 20 ms of an artifact are matched to the clean session's (same channel, ±0.3 ms):
+``artifact peaks`` are those with no match (what the artifact added), ``spikes lost`` the clean session's with
+none (what the zeroing removed), ``zeroed ms`` the time zeroed. SpikeInterface's ``detect_saturation_periods``
+(same level, jump and proportion) runs on the raw session for the event count.
+
     .venv/bin/python benchmarks/neuropixels.py --out benchmarks/results/neuropixels.json
 """
 
@@ -75,6 +85,95 @@ def _bad_channel_rows(path: Path, truth: dict[str, list[int]]) -> list[dict]:
     return rows
 
 
+def _zeroed(path: Path, out: Path, **saturation) -> tuple[np.ndarray, np.ndarray, float]:
+    """Whitened preprocessed traces (float32), the periods zeroed, and the seconds taken."""
+    from nwbflow.params import SaturationParams
+
+    params = PreprocessParams(output_dtype="float32", saturation=SaturationParams(**saturation))
+    with open_session(path) as session:
+        series = session.select_ephys()
+        clock = time.perf_counter()
+        record = preprocess_to_binary(series, params, out)
+        seconds = time.perf_counter() - clock
+    traces = np.fromfile(out, dtype=np.float32).reshape(record.num_samples, record.num_channels)
+    return traces, np.asarray(record.saturated_periods, np.int64).reshape(-1, 2), seconds
+
+
+def _near(peaks: dict, truth: np.ndarray, reach: int) -> dict:
+    keep = np.zeros(len(peaks["sample_index"]), bool)
+    for start, end in truth:
+        keep |= (peaks["sample_index"] >= start - reach) & (peaks["sample_index"] < end + reach)
+    return {k: v[keep] for k, v in peaks.items()}
+
+
+def _unmatched(a: dict, b: dict, tolerance: int) -> int:
+    """Peaks of ``a`` with no peak of ``b`` on the same channel within ``tolerance`` samples."""
+    missing = 0
+    for sample, channel in zip(a["sample_index"], a["channel_index"]):
+        same = b["sample_index"][b["channel_index"] == channel]
+        missing += not np.any(np.abs(same - sample) <= tolerance)
+    return missing
+
+
+def _touching(periods: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """For each period, whether it overlaps any of ``others`` (both (k, 2) [start, end))."""
+    return np.array([bool(np.any((others[:, 0] < end) & (others[:, 1] > start))) for start, end in periods], bool)
+
+
+def _saturation_rows(work: Path, base: dict, events: int) -> list[dict]:
+    import spikeinterface.preprocessing as spre
+
+    from nwbflow.ephys.noise import MAD_TO_SD
+    from nwbflow.ephys.peaks import detect_peaks
+    from nwbflow.nwb_io.si_recording import NwbSeriesRecording
+    from nwbflow.params import PeakParams, SaturationParams
+    from nwbflow.synth.ephys import saturation_periods
+
+    config = SynthConfig(**base, saturation_events=events)
+    clean, hit = work / "clean.nwb", work / "saturated.nwb"
+    write_synthetic_session(clean, SynthConfig(**base))
+    write_synthetic_session(hit, config)
+    truth = saturation_periods(config)
+    rate = config.sampling_rate_hz
+    with open_session(clean) as session:
+        positions = session.select_ephys().channel_positions_um
+    reference, _, _ = _zeroed(clean, work / "c.bin", detect=False)
+    noise = np.median(np.abs(reference), axis=0) / MAD_TO_SD
+    peaks = {"clean": _near(detect_peaks(reference, positions, rate, PeakParams(), noise), truth, int(0.02 * rate))}
+    del reference
+    rules = [("off", {"detect": False})] + [(f"pad {pad:g} ms", {"pad_ms": pad}) for pad in (0.0, 0.5, 1.0, 2.0, 4.0)]
+    rows = []
+    for name, rule in rules:
+        traces, zeroed, seconds = _zeroed(hit, work / "s.bin", **rule)
+        found = _near(detect_peaks(traces, positions, rate, PeakParams(), noise), truth, int(0.02 * rate))
+        del traces
+        rows.append({"rule": name, "events": len(truth), "events_found": int(_touching(truth, zeroed).sum())
+                     if len(zeroed) else 0, "false_periods": int((~_touching(zeroed, truth)).sum()),
+                     "zeroed_ms": round(float(np.sum(zeroed[:, 1] - zeroed[:, 0])) / rate * 1000, 1),
+                     "artifact_peaks": _unmatched(found, peaks["clean"], int(0.0003 * rate)),
+                     "spikes_lost": _unmatched(peaks["clean"], found, int(0.0003 * rate)),
+                     "clean_peaks_near": len(peaks["clean"]["sample_index"]),
+                     "x_realtime": round(config.duration_s / seconds, 2)})
+        print(rows[-1], flush=True)
+    defaults = SaturationParams()
+    recording = NwbSeriesRecording(hit, "acquisition/ElectricalSeries")
+    clock = time.perf_counter()
+    theirs = spre.detect_saturation_periods(recording, saturation_threshold_uV=defaults.level_uv,
+                                            diff_threshold_uV=defaults.jump_uv_per_ms * 1000 / rate,
+                                            proportion=defaults.proportion)
+    theirs_s = time.perf_counter() - clock
+    recording.close()
+    periods = np.stack([theirs["start_sample_index"], theirs["end_sample_index"]], axis=1).astype(np.int64)
+    rows.append({"rule": "spikeinterface detect_saturation_periods", "events": len(truth),
+                 "events_found": int(_touching(truth, periods).sum()) if len(periods) else 0,
+                 "false_periods": int((~_touching(periods, truth)).sum()),
+                 "zeroed_ms": round(float(np.sum(periods[:, 1] - periods[:, 0])) / rate * 1000, 1),
+                 "artifact_peaks": None, "spikes_lost": None, "clean_peaks_near": None,
+                 "x_realtime": round(config.duration_s / theirs_s, 2)})
+    print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-channels", type=int, default=384)
@@ -83,6 +182,7 @@ def main() -> None:
     parser.add_argument("--dead", type=int, default=3)
     parser.add_argument("--noisy", type=int, default=3)
     parser.add_argument("--outside", type=int, default=24)
+    parser.add_argument("--saturation-events", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/neuropixels.json"))
     args = parser.parse_args()
     rows = []
@@ -114,15 +214,22 @@ def main() -> None:
         truth = {"dead": sorted(config.dead_channels), "noisy": sorted(config.noisy_channels),
                  "outside": outside_channel_indices(config, positions).tolist()}
         bad_rows = _bad_channel_rows(damaged, truth)
+        saturation_rows = _saturation_rows(work, base, args.saturation_events)
     print(format_table(["method", "label", "truth", "found", "wrongly labelled", "seconds"],
                        [[r["method"], r["label"], r["truth"], r["found"], r["wrong"], r["seconds"]]
                         for r in bad_rows], 100))
+    print(format_table(["saturation rule", "events", "found", "false periods", "zeroed ms", "artifact peaks",
+                        "spikes lost", "clean peaks near", "x real time"],
+                       [[r["rule"], r["events"], r["events_found"], r["false_periods"], r["zeroed_ms"],
+                         r["artifact_peaks"], r["spikes_lost"], r["clean_peaks_near"], r["x_realtime"]]
+                        for r in saturation_rows], 120))
     print(format_table(["adc_phase_shift", "residual µV", "x real time"],
                        [[str(r["adc_phase_shift"]), r["residual_uv"], r["x_realtime"]] for r in rows], 100))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"session": {"num_channels": args.num_channels, "duration_s": args.duration_s,
                                                 "common_noise_uv": args.common_noise_uv}, "rows": rows,
-                                    "bad_channels": {"truth": truth, "rows": bad_rows}}, indent=2))
+                                    "bad_channels": {"truth": truth, "rows": bad_rows},
+                                    "saturation": saturation_rows}, indent=2))
 
 
 if __name__ == "__main__":

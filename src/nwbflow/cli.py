@@ -103,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="channels with 4x the noise")
     synth.add_argument("--outside-channels", type=int, default=0, metavar="N",
                        help="contacts at the top of the probe outside the brain (no spikes, no shared signal)")
+    synth.add_argument("--saturation-events", type=int, default=0, metavar="N",
+                       help="artifacts of 2-20 ms that drive every channel past the rails (clipped at "
+                            "--saturation-rail-uv)")
+    synth.add_argument("--saturation-rail-uv", type=float, default=1200.0,
+                       help="where the amplifier clips, µV (default 1200: Neuropixels 1.0)")
+    synth.add_argument("--shanks", type=int, default=1,
+                       help="1 (Neuropixels 1.0-like), or a Neuropixels 2.0-like probe of N shanks 250 µm apart")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--overwrite", action="store_true", help="replace OUT.nwb and its sidecars if present")
     synth.set_defaults(handler=_synth)
@@ -273,7 +280,9 @@ def _synth(args: argparse.Namespace) -> int:
                          num_rois=args.num_rois, drift=args.drift, ephys=not args.no_ephys,
                          ophys=not args.no_ophys, seed=args.seed, adc_shifts=args.adc_shifts,
                          common_noise_uv=args.common_noise_uv, dead_channels=tuple(args.dead_channels),
-                         noisy_channels=tuple(args.noisy_channels), outside_channels=args.outside_channels)
+                         noisy_channels=tuple(args.noisy_channels), outside_channels=args.outside_channels,
+                         saturation_events=args.saturation_events, saturation_rail_uv=args.saturation_rail_uv,
+                         shanks=args.shanks)
     write_synthetic_session(args.output, config, overwrite=args.overwrite)
     print(f"wrote {args.output} (ground truth in sidecar files beside it)")
     return EXIT_OK

@@ -65,6 +65,23 @@ class BadChannelParams(_Params):
         return value
 
 
+class SaturationParams(_Params):
+    """Saturation and artifact periods, zeroed after preprocessing (``nwbflow.ephys.saturation``; IBL's rule
+    and SpikeInterface's ``detect_saturation_periods``, measured on offset-free µV)."""
+
+    detect: bool = Field(True, description="Zero the periods where more than `proportion` of the channels are "
+                                           "beyond `level_uv` or jump by `jump_uv_per_ms` at once.")
+    level_uv: float = Field(
+        1000.0, gt=0, description="A channel is beyond its range this far from its offset (µV): below "
+                                  "Neuropixels 1.0's rails (about ±1.2 mV) by more than its usual offsets. Raise it "
+                                  "for wide-band recordings whose LFP swings by a millivolt on many channels.")
+    jump_uv_per_ms: float = Field(
+        9000.0, gt=0, description="... or moves this fast (µV per ms; IBL's 300 µV per sample at 30 kHz).")
+    proportion: float = Field(0.2, gt=0, lt=1, description="Fraction of the channels that must be at once.")
+    pad_ms: float = Field(1.0, ge=0, le=100,
+                          description="Zeroed on each side of a period too (ms): where the band-pass rings.")
+
+
 class PreprocessParams(_Params):
     """Offset removal, median common reference, zero-phase band-pass, ZCA whitening."""
 
@@ -78,6 +95,7 @@ class PreprocessParams(_Params):
                           "as NeuroConv writes for Neuropixels) before the common reference; no effect where the "
                           "file has no shifts.")
     bad_channels: BadChannelParams = Field(default_factory=BadChannelParams)
+    saturation: SaturationParams = Field(default_factory=SaturationParams)
     common_reference: bool = Field(True, description="Subtract the median across channels per sample.")
     whiten: bool = Field(True, description="Apply ZCA whitening estimated from sampled chunks.")
     whitening_mode: Literal["global", "local"] = Field(

@@ -16,10 +16,10 @@ windows of ``noise_sample_duration_s`` on every device.
 
 Per chunk, in order:
 
-1. subtract per-channel offsets in µV (estimated once from sampled chunks);
-   with ``sample_shifts`` (an ADC's staggered sampling, e.g. Neuropixels 1.0),
-   delay each channel by its shift (:func:`~nwbflow.ephys.phase_shift.delay_channels`)
-   so that every channel is read at the frame's time,
+1. subtract per-channel offsets in µV (estimated once from sampled chunks); mark the saturated samples
+   (:mod:`nwbflow.ephys.saturation`, ``params.saturation``) for step 5; with ``sample_shifts`` (an ADC's
+   staggered sampling, e.g. Neuropixels 1.0), delay each channel by its shift
+   (:func:`~nwbflow.ephys.phase_shift.delay_channels`) so that every channel is read at the frame's time,
 2. subtract the median across channels per sample (:func:`median_across_channels`; over the good
    channels only when bad channels were found: :mod:`nwbflow.ephys.bad_channels`),
 3. pad to the full margin where the recording ends (odd reflection),
@@ -30,7 +30,8 @@ Per chunk, in order:
    whitening (:mod:`nwbflow.ephys.whitening`: :func:`whitening_matrix`, or per
    channel neighbourhood :func:`local_whitening_matrix`), estimated from the
    covariance (µV²) of sampled chunks after steps 1-4, over the good channels; bad channels come out
-   as zeros (whitened or not), so detection, motion and sorting see nothing there.
+   as zeros (whitened or not), so detection, motion and sorting see nothing there; so do the saturated
+   samples of step 1, widened by ``pad_ms`` (the periods zeroed are kept in the record).
 
 The streaming chunk is sized so that core plus margins fill one 5-smooth FFT
 length (:func:`fft_length`) exactly. The band-pass and whitening functions
@@ -50,7 +51,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +66,10 @@ from nwbflow.ephys.filtering import (DEFAULT_MARGIN_TOLERANCE, bandpass_gain, de
 from nwbflow.ephys.median import median_across_channels
 from nwbflow.ephys.phase_shift import delay_channels
 from nwbflow.ephys.recording import PreprocessedRecording, SessionClock
+from nwbflow.ephys.saturation import merge_periods, periods_of, saturated_samples, widen
 from nwbflow.ephys.whitening import local_whitening_matrix, whitening_matrix
 from nwbflow.errors import BadInputError
-from nwbflow.params import DEFAULT_CHUNKS, BadChannelParams, PreprocessParams
+from nwbflow.params import DEFAULT_CHUNKS, BadChannelParams, PreprocessParams, SaturationParams
 
 __all__ = ["CPU_WINDOW_BYTES", "DEFAULT_MARGIN_TOLERANCE", "PreprocessedSource", "bandpass_gain", "design_bandpass",
            "estimate_covariance", "estimate_offsets", "fft_length", "filter_margin_samples", "local_whitening_matrix",
@@ -90,8 +92,10 @@ class _ChunkKernel:
     def __init__(self, sos: np.ndarray, margin_samples: int, device: torch.device | str, *,
                  offsets_uv: np.ndarray | None = None, common_reference: bool = False,
                  whitening: np.ndarray | None = None, sample_shifts: np.ndarray | None = None,
-                 bad_channels: np.ndarray | None = None, num_channels: int | None = None):
+                 bad_channels: np.ndarray | None = None, num_channels: int | None = None,
+                 saturation: SaturationRule | None = None):
         self.sos, self.margin, self.device = sos, int(margin_samples), torch.device(device)
+        self.saturation = saturation
         self.common_reference = common_reference
         self.offsets = None if offsets_uv is None else self._constant(offsets_uv)
         self.shifts = None if sample_shifts is None else self._constant(sample_shifts)
@@ -140,6 +144,7 @@ class _ChunkKernel:
         finite = torch.isfinite(data.sum())  # no sync: read by the caller after its own
         if self.offsets is not None:
             data.sub_(self.offsets)
+        saturated = None if self.saturation is None else self.saturation.mask(data)
         if self.shifts is not None:
             data.copy_(delay_channels(data, self.shifts))
         if self.common_reference and self.good is not None:
@@ -156,7 +161,43 @@ class _ChunkKernel:
             core = out.copy_(core)
         if self.bad is not None:
             core.index_fill_(1, self.bad, 0.0)
+        if saturated is not None:
+            self.saturation.mute(core, saturated[window.context_before:rows - window.context_after],
+                                 window.first_sample + window.context_before)
         return core, finite
+
+
+@dataclass(frozen=True, eq=False)
+class SaturationRule:
+    """:class:`~nwbflow.params.SaturationParams` in samples, and the periods zeroed so far (shared by the copies
+    of a kernel, which run on concurrent streams; ``list.append`` is atomic)."""
+
+    level_uv: float
+    jump_uv: float
+    proportion: float
+    pad_samples: int
+    zeroed: list = field(default_factory=list)
+
+    @classmethod
+    def from_params(cls, params: SaturationParams, sampling_rate_hz: float) -> SaturationRule | None:
+        if not params.detect:
+            return None
+        return cls(params.level_uv, params.jump_uv_per_ms * 1000.0 / sampling_rate_hz, params.proportion,
+                   int(round(params.pad_ms * sampling_rate_hz / 1000.0)))
+
+    def mask(self, traces_uv: torch.Tensor) -> torch.Tensor:
+        """Saturated samples of an offset-free window, widened by the pad: (n,) bool."""
+        return widen(saturated_samples(traces_uv, self.level_uv, self.jump_uv, self.proportion), self.pad_samples)
+
+    def mute(self, core: torch.Tensor, mask: torch.Tensor, first_sample: int) -> None:
+        """Zero the core's rows under ``mask`` and note them as periods (samples of the recording)."""
+        if bool(mask.any()):
+            core.masked_fill_(mask[:, None], 0.0)
+            self.zeroed.append(periods_of(mask.cpu().numpy(), first_sample))
+
+    def periods(self) -> np.ndarray:
+        """The periods zeroed so far, (k, 2) int64 ``[start, end)`` samples, sorted and joined."""
+        return merge_periods(list(self.zeroed))
 
 
 @dataclass(frozen=True, eq=False)
@@ -263,7 +304,7 @@ def estimate_offsets(source: TraceSource, ranges: np.ndarray, *, device: torch.d
 def estimate_covariance(source: TraceSource, ranges: np.ndarray, sos: np.ndarray, margin_samples: int, *,
                         offsets_uv: np.ndarray, common_reference: bool, device: torch.device | str = "cpu",
                         backoff: OomBackoff | None = None, sample_shifts: np.ndarray | None = None,
-                        bad_channels: np.ndarray | None = None) -> np.ndarray:
+                        bad_channels: np.ndarray | None = None, saturation: SaturationRule | None = None) -> np.ndarray:
     """Channel covariance (second moment) of filtered traces over sampled chunks.
 
     Parameters
@@ -275,6 +316,8 @@ def estimate_covariance(source: TraceSource, ranges: np.ndarray, sos: np.ndarray
     sos, margin_samples, offsets_uv, common_reference, sample_shifts : as :func:`preprocess_chunk`.
     bad_channels : (k,) int, optional
         Left out of the common reference (their rows and columns of the result are zero).
+    saturation : SaturationRule, optional
+        Saturated periods are left out (zeroed and not counted).
 
     Returns
     -------
@@ -283,7 +326,8 @@ def estimate_covariance(source: TraceSource, ranges: np.ndarray, sos: np.ndarray
         mean); each chunk's product in float32, summed in float64.
     """
     kernel = _ChunkKernel(sos, margin_samples, device, offsets_uv=offsets_uv, common_reference=common_reference,
-                          sample_shifts=sample_shifts, bad_channels=bad_channels, num_channels=source.num_channels)
+                          sample_shifts=sample_shifts, bad_channels=bad_channels, num_channels=source.num_channels,
+                          saturation=saturation)
     backoff = backoff or _whole_ranges(ranges, device)
     cov = torch.zeros((source.num_channels, source.num_channels), dtype=torch.float64, device=kernel.device)
     count = 0
@@ -299,6 +343,8 @@ def estimate_covariance(source: TraceSource, ranges: np.ndarray, sos: np.ndarray
     with WindowPrefetcher(source, margin_samples, plan=ranges) as reader:
         for start, end in ranges:
             backoff.run(step, int(start), int(end))
+    if saturation is not None:
+        count -= int(np.sum(np.diff(saturation.periods(), axis=1)))
     return cov.cpu().numpy() / max(count, 1)
 
 
@@ -323,11 +369,13 @@ class _Estimates:
     sample_shifts: np.ndarray | None
     bad: BadChannels | None
 
-    def kernel(self, params: PreprocessParams, device: torch.device) -> _ChunkKernel:
+    def kernel(self, params: PreprocessParams, device: torch.device, sampling_rate_hz: float) -> _ChunkKernel:
+        """The streaming kernel; its ``saturation`` (None when off) collects the periods it zeroes."""
         return _ChunkKernel(self.sos, self.margin, device, offsets_uv=self.offsets_uv,
                             common_reference=params.common_reference, whitening=self.whitening,
                             sample_shifts=self.sample_shifts, bad_channels=self.bad_indices,
-                            num_channels=len(self.offsets_uv))
+                            num_channels=len(self.offsets_uv),
+                            saturation=SaturationRule.from_params(params.saturation, sampling_rate_hz))
 
     @property
     def bad_indices(self) -> np.ndarray:
@@ -355,7 +403,8 @@ def _estimate(source: TraceSource, params: PreprocessParams, positions: np.ndarr
     if params.whiten:
         cov = estimate_covariance(source, sampled, sos, margin, offsets_uv=offsets, device=device,
                                   common_reference=params.common_reference, backoff=backoff, sample_shifts=shifts,
-                                  bad_channels=bad_indices)
+                                  bad_channels=bad_indices,
+                                  saturation=SaturationRule.from_params(params.saturation, source.sampling_rate_hz))
         whitening, whitening_inverse = _whitening(cov, params, positions, bad_indices)
     return _Estimates(sos, margin, offsets, whitening, whitening_inverse, shifts, bad)
 
@@ -407,7 +456,8 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
                          chunk_duration_s: float = DEFAULT_CHUNKS.preprocess_s, seed: int = 0,
                          progress: ProgressFn | None = None, device: torch.device | str = "cpu",
                          channel_positions_um: np.ndarray | None = None, sample_shifts: np.ndarray | None = None,
-                         clock: SessionClock | None = None) -> PreprocessedRecording:
+                         clock: SessionClock | None = None,
+                         shank_ids: np.ndarray | None = None) -> PreprocessedRecording:
     """Stream a recording through :func:`preprocess_chunk` into a float16 or float32 raw binary.
 
     Parameters
@@ -442,6 +492,9 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
     clock : SessionClock, optional
         The samples' session clock, kept in the record; default: the source's
         rate from time 0.
+    shank_ids : (num_channels,) str, optional
+        Each channel's shank, kept in the record (None: the source's ``shank_ids`` attribute, when it has one;
+        None there too: one shank).
 
     Returns
     -------
@@ -468,8 +521,10 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
     estimates = _estimate(source, params, positions, seed, device, backoff, shifts)
     out_path = Path(out_path)
     streams = torch.get_num_threads() if device.type == "cpu" else 1
-    stream_to_binary(source, out_path, estimates.kernel(params, device), backoff, progress, streams=streams,
-                     dtype=params.output_dtype)
+    kernel = estimates.kernel(params, device, fs)
+    stream_to_binary(source, out_path, kernel, backoff, progress, streams=streams, dtype=params.output_dtype)
+    zeroed = np.zeros((0, 2), np.int64) if kernel.saturation is None else kernel.saturation.periods()
+    _log_saturation(zeroed, source.num_samples, fs)
     elapsed = time.perf_counter() - started
     log.info("preprocessed %d samples x %d channels (%.1f s of recording) on %s in %.2f s "
              "(%.2f s of recording per s), margin %d samples, chunk %d samples", source.num_samples,
@@ -482,7 +537,9 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
         clock=clock or SessionClock(rate_hz=fs), offsets_uv=estimates.offsets_uv, margin_samples=margin,
         device=str(device), phase_shifted=shifts is not None,
         bad_channels=tuple(int(c) for c in estimates.bad_indices),
-        bad_channel_labels={} if estimates.bad is None else estimates.bad.by_label())
+        bad_channel_labels={} if estimates.bad is None else estimates.bad.by_label(),
+        saturated_periods=tuple((int(a), int(b)) for a, b in zeroed),
+        shank_ids=_shanks_for(source, shank_ids))
 
 
 class PreprocessedSource:
@@ -503,7 +560,7 @@ class PreprocessedSource:
         positions = _positions_for(source, params, channel_positions_um)
         self.estimates = _estimate(source, params, positions, seed, self._device,
                                    shifts=_shifts_for(source, params, sample_shifts))
-        self._kernel = self.estimates.kernel(params, self._device)
+        self._kernel = self.estimates.kernel(params, self._device, float(source.sampling_rate_hz))
         self.num_samples, self.num_channels = source.num_samples, source.num_channels
         self.sampling_rate_hz = source.sampling_rate_hz
 
@@ -515,6 +572,17 @@ class PreprocessedSource:
         core, finite = self._kernel(window)
         refuse_non_finite(finite, window, int(start_sample))
         return core.cpu().numpy().copy()
+
+
+def _log_saturation(periods: np.ndarray, num_samples: int, rate_hz: float) -> None:
+    if not len(periods):
+        return
+    zeroed_s = float(np.sum(periods[:, 1] - periods[:, 0])) / rate_hz
+    log.warning("zeroed %d saturated or artifact periods, %.3f s in all (%.2f %% of the recording)", len(periods),
+                zeroed_s, 100.0 * zeroed_s * rate_hz / max(num_samples, 1))
+    if zeroed_s * rate_hz > 0.05 * num_samples:
+        log.warning("over 5 %% of the recording was zeroed as saturated: if it is not, raise "
+                    "preprocess.saturation.level_uv or jump_uv_per_ms (or set preprocess.saturation.detect=False)")
 
 
 def _streaming_chunk_samples(nominal: int, margin: int, num_channels: int, device: torch.device) -> int:
@@ -549,6 +617,17 @@ def _positions_for(source: TraceSource, params: PreprocessParams, given: np.ndar
         raise BadInputError(f"channel_positions_um must be finite ({source.num_channels}, 2) µm, "
                             f"got shape {positions.shape}")
     return positions
+
+
+def _shanks_for(source: TraceSource, given: np.ndarray | None) -> tuple[str, ...]:
+    """Each channel's shank label (the argument, else the source's ``shank_ids``), () for a single shank."""
+    shanks = given if given is not None else getattr(source, "shank_ids", None)
+    if shanks is None:
+        return ()
+    shanks = tuple(str(s) for s in np.asarray(shanks).reshape(-1))
+    if len(shanks) != source.num_channels:
+        raise BadInputError(f"shank_ids must name {source.num_channels} channels' shanks, got {len(shanks)}")
+    return shanks if len(set(shanks)) > 1 else ()
 
 
 def _shifts_for(source: TraceSource, params: PreprocessParams, given: np.ndarray | None) -> np.ndarray | None:

@@ -134,6 +134,11 @@ class PreprocessedRecording:
     phase_shifted : bool
         Whether each channel's ADC sampling delay was undone (``PreprocessParams.adc_phase_shift`` and the
         file's ``inter_sample_shift``).
+    saturated_periods : tuple of (int, int)
+        ``[start, end)`` samples zeroed as saturated or artifact (:mod:`nwbflow.ephys.saturation`), sorted.
+    shank_ids : tuple of str
+        Each channel's shank on a multi-shank probe (the electrodes' shank or group); empty for one shank.
+        Motion is estimated per shank, and no template spans two.
     """
 
     binary_path: Path
@@ -151,6 +156,8 @@ class PreprocessedRecording:
     device: str = "cpu"
     phase_shifted: bool = False
     bad_channel_labels: dict = field(default_factory=dict)
+    saturated_periods: tuple[tuple[int, int], ...] = field(default=())
+    shank_ids: tuple[str, ...] = field(default=())
 
     def open(self) -> ArraySource | BinaryFileSource:
         """The binary as a :class:`~nwbflow.ephys.chunks.TraceSource` (float32 windows)."""
@@ -177,7 +184,8 @@ class PreprocessedRecording:
             "whitening_inverse": None if self.whitening_inverse is None else WHITENING_INVERSE_FILE,
             "clock": self.clock.to_json(folder), "offsets_uv": np.asarray(self.offsets_uv, np.float64).tolist(),
             "margin_samples": self.margin_samples, "bad_channels": list(self.bad_channels), "device": self.device,
-            "phase_shifted": self.phase_shifted, "bad_channel_labels": self.bad_channel_labels}
+            "phase_shifted": self.phase_shifted, "bad_channel_labels": self.bad_channel_labels,
+            "saturated_periods": [list(p) for p in self.saturated_periods], "shank_ids": list(self.shank_ids)}
         with atomic_path(folder / RECORD_FILE) as tmp:
             tmp.write_text(json.dumps(payload, indent=1))
         return folder / RECORD_FILE
@@ -197,7 +205,9 @@ class PreprocessedRecording:
                    offsets_uv=np.asarray(data["offsets_uv"], np.float64), margin_samples=int(data["margin_samples"]),
                    bad_channels=tuple(int(c) for c in data["bad_channels"]), device=data["device"],
                    phase_shifted=bool(data.get("phase_shifted", False)),
-                   bad_channel_labels=data.get("bad_channel_labels", {}))
+                   bad_channel_labels=data.get("bad_channel_labels", {}),
+                   saturated_periods=tuple((int(a), int(b)) for a, b in data.get("saturated_periods", [])),
+                   shank_ids=tuple(str(s) for s in data.get("shank_ids", [])))
 
 
 def _load_matrix(folder: Path, name: str | None) -> np.ndarray | None:

@@ -427,6 +427,51 @@ def sample_shifts(table: h5py.HLObject, indices: np.ndarray, *, path: Path, obj:
     return None
 
 
+#: Electrodes columns that name each contact's shank (NeuroConv writes ``shank_ids`` for multi-shank probes).
+SHANK_COLUMNS = ("shank_ids", "shank_id", "shank")
+
+
+def shank_labels(table: h5py.HLObject, indices: np.ndarray, *, path: Path, obj: str) -> np.ndarray | None:
+    """Each channel's shank (str labels) from the first of ``SHANK_COLUMNS`` the electrodes table holds, else its
+    electrode group (``group_name``, or the ``group`` references' names); None when the series' channels all
+    share one (a single-shank probe)."""
+    labels = None
+    for name in SHANK_COLUMNS:
+        column = _column(table, name)
+        if column is not None and np.size(column) == table_rows(table, path=path):
+            labels = _as_text(column)
+            break
+    if labels is None:
+        labels = _group_names(table, path=path, obj=obj)
+    if labels is None:
+        return None
+    labels = labels[indices]
+    return labels if len(np.unique(labels)) > 1 else None
+
+
+def _as_text(values) -> np.ndarray:
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(values).reshape(-1)])
+
+
+def _group_names(table: h5py.HLObject, *, path: Path, obj: str) -> np.ndarray | None:
+    """The electrodes' group names (``group_name``, else the names the ``group`` references point to)."""
+    column = _column(table, "group_name")
+    if column is not None and np.size(column) == table_rows(table, path=path):
+        return _as_text(column)
+    refs = table.get("group") if isinstance(table, h5py.Group) else None
+    if not isinstance(refs, h5py.Dataset) or refs.dtype != h5py.ref_dtype:
+        return None
+    names = []
+    for ref in refs[()]:
+        try:
+            names.append(table.file[ref].name.rsplit("/", 1)[-1])
+        except (ValueError, KeyError):
+            warn_once(path, obj, "group", "%s: %s: an electrode's group reference does not resolve; channels "
+                      "are taken as one shank", path, obj)
+            return None
+    return np.array(names)
+
+
 def _position_values(table: h5py.HLObject, columns: list, names: tuple[str, str], *,
                      path: Path) -> list[np.ndarray]:
     """Two position columns as float64, one value per table row, else BadInputError."""

@@ -427,6 +427,9 @@ class EphysSeries:
     inter_sample_shift : (num_channels,) float64 or None
         Each channel's ADC sampling delay (fractions of a sample) from the electrodes table's
         ``inter_sample_shift`` (NeuroConv writes it for Neuropixels), or None.
+    shank_ids : (num_channels,) str or None
+        Each channel's shank: the electrodes' ``shank_ids`` / ``shank_id`` / ``shank`` column, else their
+        electrode group; None when all channels share one.
     gains_uv : (num_channels,) float64 µV per raw unit
         (conversion * channel_conversion * 1e6 for data in volts).
     offset_uv : float, µV added after the gain (offset * 1e6).
@@ -455,6 +458,7 @@ class EphysSeries:
         self.channel_positions_um, self.positions_are_fallback = _series.positions_um(
             table, self.electrode_indices, **where)
         self.inter_sample_shift = _series.sample_shifts(table, self.electrode_indices, **where)
+        self.shank_ids = _series.shank_labels(table, self.electrode_indices, **where)
 
     def __repr__(self) -> str:
         return (f"EphysSeries({self.file_path}:{self.object_path}, {self.num_samples} x "

@@ -80,6 +80,12 @@ class SynthConfig:
     noisy_channels : channels with their own white noise at 4x ``noise_level_uv`` added.
     outside_channels : this many contacts at the top of the probe (largest y) lie outside the brain: no spikes,
         no shared signal, their own noise at ``noise_level_uv``.
+    saturation_events : this many artifacts (a lick, a cable knock: 2-20 ms, seeded times) drive every channel
+        past the amplifier's rails, ``saturation_rail_uv``, at which all samples are clipped
+        (:func:`nwbflow.synth.ephys.saturation_periods` gives their sample ranges).
+    saturation_rail_uv : where the amplifier clips (µV, both signs); Neuropixels 1.0: 512 steps of 2.34 µV.
+    shanks : 1 (a Neuropixels 1.0-like shank), or a Neuropixels 2.0-like probe of this many shanks 250 µm apart
+        (channels split evenly; one ElectrodeGroup per shank and a ``shank_ids`` column, as NeuroConv writes).
     """
 
     duration_s: float = 30.0
@@ -111,6 +117,9 @@ class SynthConfig:
     dead_channels: tuple[int, ...] = ()
     noisy_channels: tuple[int, ...] = ()
     outside_channels: int = 0
+    saturation_events: int = 0
+    saturation_rail_uv: float = 1200.0
+    shanks: int = 1
 
     def __post_init__(self) -> None:
         for name in ("firing_rate_range_hz", "roi_rate_range_hz"):  # JSON gives lists; keep tuples
@@ -144,7 +153,8 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {
     "num_rois": (1, 1000, True), "imaging_rate_hz": (0.5, 1000.0, False), "seed": (0, 2**32 - 1, True),
     "lsb_uv": (0.01, 100.0, False), "drift_amplitude_um": (1.0, 200.0, False),
     "burst_fraction": (0.0, 1.0, False), "fov_px": (16, 1024, True), "photon_gain_au": (0.0, 1000.0, False),
-    "common_noise_uv": (0.0, 1000.0, False),
+    "common_noise_uv": (0.0, 1000.0, False), "saturation_events": (0, 100_000, True),
+    "saturation_rail_uv": (10.0, 100_000.0, False), "shanks": (1, 16, True),
 }
 
 
@@ -183,6 +193,8 @@ def _config_problems(c: SynthConfig) -> list[str]:
          "brain_area and imaging_area must be non-empty strings (Allen CCF terms)"),
         (all(0 <= ch < c.num_channels for ch in (*c.dead_channels, *c.noisy_channels)),
          f"dead_channels and noisy_channels must lie in [0, {c.num_channels})"),
+        (c.num_channels % (2 * c.shanks) == 0 or c.shanks == 1,
+         f"num_channels must split into {c.shanks} shanks of an even count, got {c.num_channels}"),
         (isinstance(c.outside_channels, int) and 0 <= c.outside_channels < c.num_channels,
          f"outside_channels must be a whole number in [0, {c.num_channels}), got {c.outside_channels!r}"),
     ]

@@ -60,25 +60,41 @@ class SynthRecording:
     drift: DriftTruth | None
 
 
-def make_probe(num_channels: int):
-    """A Neuropixels-1.0-like shank: 2 contacts per row alternating between column pairs.
+#: Neuropixels 2.0 four-shank layout: shank pitch, the two columns' x on a shank, row pitch (µm).
+NP2_SHANK_PITCH_UM, NP2_COLUMNS_X_UM, NP2_ROW_PITCH_UM = 250.0, (0.0, 32.0), 15.0
+
+
+def make_probe(num_channels: int, shanks: int = 1):
+    """A Neuropixels-1.0-like shank (2 contacts per row alternating between column pairs), or with ``shanks`` > 1
+    a Neuropixels-2.0-like multi-shank probe (channels split evenly, shank by shank).
 
     Parameters
     ----------
-    num_channels : contacts; rows are 20 µm apart, x in {11, 27, 43, 59} µm.
+    num_channels : contacts; one shank: rows 20 µm apart, x in {11, 27, 43, 59} µm; several: per shank two
+        columns (x = 0 and 32 µm from the shank's edge), rows 15 µm apart, shanks 250 µm apart.
+    shanks : 1, or a number of shanks dividing ``num_channels`` into an even count each.
 
     Returns
     -------
-    probeinterface.Probe with 12 µm square contacts and device indices 0..n-1.
+    probeinterface.Probe with 12 µm square contacts, device indices 0..n-1 and shank ids "0", "1", ...
     """
     from probeinterface import Probe
 
     index = np.arange(num_channels)
-    row = index // 2
-    x = np.array([_NP1_COLUMNS_X_UM[r % 2][i % 2] for r, i in zip(row, index)])
-    positions = np.column_stack([x, row * ROW_PITCH_UM])
-    probe = Probe(ndim=2, si_units="um", name="NP1-like", manufacturer="nwbflow-synthetic")
-    probe.set_contacts(positions=positions, shapes="square", shape_params={"width": 12.0})
+    if shanks == 1:
+        row = index // 2
+        x = np.array([_NP1_COLUMNS_X_UM[r % 2][i % 2] for r, i in zip(row, index)])
+        positions = np.column_stack([x, row * ROW_PITCH_UM])
+        shank = np.zeros(num_channels, np.int64)
+    else:
+        per_shank = num_channels // shanks
+        shank, within = index // per_shank, index % per_shank
+        x = shank * NP2_SHANK_PITCH_UM + np.asarray(NP2_COLUMNS_X_UM)[within % 2]
+        positions = np.column_stack([x, (within // 2) * NP2_ROW_PITCH_UM])
+    probe = Probe(ndim=2, si_units="um", name="NP1-like" if shanks == 1 else "NP2-4shank-like",
+                  manufacturer="nwbflow-synthetic")
+    probe.set_contacts(positions=positions, shapes="square", shape_params={"width": 12.0},
+                       shank_ids=shank.astype(str))
     probe.create_auto_shape(probe_type="tip")
     probe.set_device_channel_indices(index)
     return probe
@@ -99,9 +115,9 @@ def make_ephys_recording(config: SynthConfig) -> SynthRecording:
     """Build the (lazy) ground-truth recording of ``config``; nothing is computed per sample yet."""
     from spikeinterface.core import generate_ground_truth_recording
 
-    probe, sorting = make_probe(config.num_channels), _draw_sorting(config)
+    probe, sorting = make_probe(config.num_channels, config.shanks), _draw_sorting(config)
     seed = _stream_seed(config.seed, "ephys")
-    if config.drift:
+    if config.drift or config.shanks > 1:  # the drifting generator takes unit locations: on the shanks
         return _make_drifting(config, probe, sorting, seed)
     recording, sorting = generate_ground_truth_recording(
         durations=[config.duration_s], sampling_frequency=config.sampling_rate_hz, sorting=sorting,
@@ -113,17 +129,36 @@ def make_ephys_recording(config: SynthConfig) -> SynthRecording:
                           templates_uv=np.asarray(recording.templates, np.float32), drift=None)
 
 
+def _shank_unit_locations(config: SynthConfig, probe, seed: int) -> np.ndarray | None:
+    """(num_units, 3) µm: unit ``i`` beside shank ``i % shanks`` (SpikeInterface's ``generate_unit_locations``
+    over that shank's contacts), so that a multi-shank probe records every unit; None for one shank."""
+    if config.shanks == 1:
+        return None
+    from spikeinterface.core.generate import generate_unit_locations
+
+    shank_of = np.asarray(probe.shank_ids).astype(int)
+    locations = np.zeros((config.num_units, 3))
+    for shank in range(config.shanks):
+        units = np.arange(shank, config.num_units, config.shanks)
+        if len(units):
+            locations[units] = generate_unit_locations(len(units), probe.contact_positions[shank_of == shank],
+                                                       seed=seed + shank, **_UNIT_LOCATION_KWARGS)
+    return locations
+
+
 def _make_drifting(config: SynthConfig, probe, sorting, seed: int) -> SynthRecording:
+    """The drifting generator's recording (``config.drift``), or its static one (no drift: a multi-shank probe)."""
     from spikeinterface.generation import generate_drifting_recording
 
-    half = config.drift_amplitude_um / 2.0
+    half = config.drift_amplitude_um / 2.0 if config.drift else 0.0
     period = config.drift_period_s or config.duration_s / 2.0
     motion = dict(drift_mode=DRIFT_MODES[config.drift_mode], non_rigid_gradient=None, t_start_drift=0.0,
                   t_end_drift=None, period_s=period,
                   bump_interval_s=(config.duration_s / 6.0, config.duration_s / 3.0))
     _, recording, sorting, extra = generate_drifting_recording(
         duration=config.duration_s, sampling_frequency=config.sampling_rate_hz, probe=probe,
-        sorting=sorting, generate_unit_locations_kwargs=dict(_UNIT_LOCATION_KWARGS),
+        sorting=sorting, unit_locations=_shank_unit_locations(config, probe, seed),
+        generate_unit_locations_kwargs=dict(_UNIT_LOCATION_KWARGS),
         generate_displacement_vector_kwargs=dict(
             displacement_sampling_frequency=5.0, drift_start_um=[0.0, half], drift_stop_um=[0.0, -half],
             drift_step_um=1.0, motion_list=[motion]),
@@ -140,7 +175,7 @@ def _make_drifting(config: SynthConfig, probe, sorting, seed: int) -> SynthRecor
     return SynthRecording(recording=recording, sorting=sorting, probe=probe,
                           unit_locations_um=np.asarray(extra["unit_locations"], float),
                           templates_uv=np.asarray(extra["templates"].templates_array, np.float32),
-                          drift=drift)
+                          drift=drift if config.drift else None)
 
 
 def _int16_iterator_class():
@@ -227,13 +262,55 @@ def outside_channel_indices(config: SynthConfig, positions_um: np.ndarray) -> np
     return np.sort(order[len(order) - config.outside_channels:]) if config.outside_channels else order[:0]
 
 
+#: Synthetic saturation events: duration range (ms), peak of the artifact before clipping (µV), its rise (ms).
+SATURATION_MS, SATURATION_PEAK_UV, SATURATION_RISE_MS = (2.0, 20.0), 4000.0, 0.5
+
+
+def saturation_periods(config: SynthConfig) -> np.ndarray:
+    """The ``config.saturation_events`` artifacts' ``[start, end)`` samples, (k, 2) int64, sorted, seeded, apart
+    by at least 50 ms and 50 ms from either end (fewer where the recording is too short for them)."""
+    rate, total = config.sampling_rate_hz, int(round(config.duration_s * config.sampling_rate_hz))
+    rng = np.random.default_rng([config.seed, 13])
+    lengths = np.rint(rng.uniform(*SATURATION_MS, config.saturation_events) * rate / 1000).astype(np.int64)
+    gap = int(0.05 * rate)
+    slots = max((total - gap) // (int(SATURATION_MS[1] * rate / 1000) + gap), 0)
+    starts = np.sort(rng.choice(slots, min(slots, config.saturation_events), replace=False))
+    starts = gap + starts * (int(SATURATION_MS[1] * rate / 1000) + gap)
+    return np.stack([starts, starts + lengths[:len(starts)]], axis=1).astype(np.int64).reshape(-1, 2)
+
+
+def _saturation(config: SynthConfig):
+    """``f(start, stop, traces)``: the artifacts of :func:`saturation_periods` added (each channel its own gain,
+    0.7-1.3, a random sign per event, raised-cosine edges) and every sample clipped at the rails."""
+    periods = saturation_periods(config)
+    rng = np.random.default_rng([config.seed, 17])
+    gains = rng.uniform(0.7, 1.3, (len(periods), config.num_channels)).astype(np.float32)
+    signs = rng.choice([-1.0, 1.0], len(periods)).astype(np.float32)
+    rise = max(int(SATURATION_RISE_MS * config.sampling_rate_hz / 1000), 1)
+    rail = np.float32(config.saturation_rail_uv)
+
+    def apply(start: int, stop: int, traces: np.ndarray) -> np.ndarray:
+        for (first, last), gain, sign in zip(periods, gains, signs):
+            if last <= start or first >= stop:
+                continue
+            t = np.arange(max(first, start), min(last, stop))
+            edge = np.minimum(np.minimum(t - first, last - 1 - t) / rise, 1.0)
+            shape = (0.5 - 0.5 * np.cos(np.pi * edge)).astype(np.float32) * sign * SATURATION_PEAK_UV
+            traces[t - start] += shape[:, None] * gain[None, :]
+        return np.clip(traces, -rail, rail, out=traces)
+
+    return apply
+
+
 def probe_effects(config: SynthConfig, shifts: np.ndarray, positions_um: np.ndarray):
     """``alter(start, stop, traces)``: the common-mode signal on the channels in the brain, then the dead,
-    noisy and outside channels of ``config`` (their noise seeded by ``config.seed`` and ``start``); None when
-    the config asks for none of these."""
+    noisy and outside channels of ``config`` (their noise seeded by ``config.seed`` and ``start``), then the
+    saturation events and the rails; None when the config asks for none of these."""
     outside = outside_channel_indices(config, positions_um)
-    if not (config.common_noise_uv or config.dead_channels or config.noisy_channels or outside.size):
+    if not (config.common_noise_uv or config.dead_channels or config.noisy_channels or outside.size
+            or config.saturation_events):
         return None
+    saturate = _saturation(config) if config.saturation_events else None
     common = common_mode(config, shifts) if config.common_noise_uv > 0 else None
     in_brain = np.ones(config.num_channels, bool)
     in_brain[outside] = False
@@ -249,7 +326,7 @@ def probe_effects(config: SynthConfig, shifts: np.ndarray, positions_um: np.ndar
         if config.noisy_channels:
             traces[:, list(config.noisy_channels)] += rng.normal(0.0, 4 * config.noise_level_uv,
                                                                  (stop - start, len(config.noisy_channels)))
-        return traces
+        return traces if saturate is None else saturate(start, stop, traces)
 
     return alter
 
@@ -260,10 +337,18 @@ def _add_ephys(nwbfile, synth: SynthRecording, config: SynthConfig):
 
     device = _create_device(nwbfile, "Probe", "Simulated Neuropixels-1.0-like silicon probe "
                                               "(SpikeInterface ground-truth generator).")
-    group = nwbfile.create_electrode_group(
-        name="probe0", device=device, location=config.brain_area,
-        description="Single shank, 4 staggered columns (x = 11, 27, 43, 59 µm), 20 µm row pitch, "
-                    "12 µm square contacts; rel_x/rel_y in µm.")
+    if config.shanks == 1:
+        groups = [nwbfile.create_electrode_group(
+            name="probe0", device=device, location=config.brain_area,
+            description="Single shank, 4 staggered columns (x = 11, 27, 43, 59 µm), 20 µm row pitch, "
+                        "12 µm square contacts; rel_x/rel_y in µm.")]
+    else:  # one group per shank and a shank_ids column, as NeuroConv writes a multi-shank probe
+        groups = [nwbfile.create_electrode_group(
+            name=f"probe0shank{k}", device=device, location=config.brain_area,
+            description=f"Shank {k} of {config.shanks} ({NP2_SHANK_PITCH_UM:g} µm apart), 2 columns 32 µm apart, "
+                        f"15 µm row pitch, 12 µm square contacts; rel_x/rel_y in µm (x from shank 0's edge).")
+            for k in range(config.shanks)]
+        nwbfile.add_electrode_column(name="shank_ids", description="Shank of each contact.")
     from nwbflow.ephys.phase_shift import neuropixels_1_shifts
     from nwbflow.nwb_io._series import SAMPLE_SHIFT_COLUMN
 
@@ -273,11 +358,14 @@ def _add_ephys(nwbfile, synth: SynthRecording, config: SynthConfig):
     if config.adc_shifts:
         nwbfile.add_electrode_column(name=SAMPLE_SHIFT_COLUMN, description="Time-delay of each channel's sampling "
                                      "as a fraction of the sample period (Neuropixels 1.0 ADC pattern).")
+    shank_of = np.asarray(synth.probe.shank_ids).astype(int) if config.shanks > 1 else np.zeros(len(shifts), int)
     for index, (x_um, y_um) in enumerate(synth.probe.contact_positions):
         if config.adc_shifts:
             extra[SAMPLE_SHIFT_COLUMN] = float(shifts[index])
-        nwbfile.add_electrode(group=group, location=config.brain_area, rel_x=float(x_um), rel_y=float(y_um),
-                              channel_name=str(index), **extra)
+        if config.shanks > 1:
+            extra["shank_ids"] = str(shank_of[index])
+        nwbfile.add_electrode(group=groups[shank_of[index]], location=config.brain_area, rel_x=float(x_um),
+                              rel_y=float(y_um), channel_name=str(index), **extra)
     region = nwbfile.create_electrode_table_region(region=list(range(config.num_channels)),
                                                    description="All probe contacts.")
     recording = synth.recording

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from prefect import task
 
 from nwbflow.ephys.preprocess import preprocess_to_binary
@@ -30,7 +31,8 @@ def preprocess_task(spec: StageSpec, params: PreprocessParams, upstream: dict[st
         duration_s = recording.num_samples / recording.sampling_rate_hz
         summary = {"channels": recording.num_channels, "sampling_rate_hz": recording.sampling_rate_hz,
                    "recording_s": round(duration_s, 3), "adc_phase_shift": recording.phase_shifted,
-                   "bad_channels": len(recording.bad_channels)}
+                   "bad_channels": len(recording.bad_channels),
+                   "saturated_periods": len(recording.saturated_periods)}
         return run.finish({"preprocessed": recording.binary_path, "recording": record}, summary,
                           recording_s=duration_s, notes=_notes(recording))
 
@@ -41,4 +43,23 @@ def _notes(recording) -> tuple[str, ...]:
              if channels]
     if recording.phase_shifted:
         notes.append("ADC sample shifts (electrodes inter_sample_shift) undone before the common reference")
+    if recording.shank_ids:
+        notes.append(f"{len(set(recording.shank_ids))} shanks (electrodes shank or group): motion estimated per "
+                     "shank; no template or unit's electrodes span two")
+    if recording.saturated_periods:
+        notes.append(_saturation_note(recording))
     return tuple(notes)
+
+
+#: Saturated periods named one by one in the provenance note (all of them are in ``recording.json``).
+NOTED_PERIODS = 50
+
+
+def _saturation_note(recording) -> str:
+    periods = np.asarray(recording.saturated_periods, np.int64)
+    rate = recording.sampling_rate_hz
+    bounds = recording.clock.times_s(periods[:NOTED_PERIODS] - [0, 1])  # first and last sample zeroed
+    seconds = ", ".join(f"[{a:.4f}, {b:.4f}]" for a, b in bounds)
+    more = f" and {len(periods) - NOTED_PERIODS} more" if len(periods) > NOTED_PERIODS else ""
+    return (f"saturated or artifact periods zeroed after preprocessing: {len(periods)}, "
+            f"{np.sum(periods[:, 1] - periods[:, 0]) / rate:.3f} s in all; session times (s) {seconds}{more}")

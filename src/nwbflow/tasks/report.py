@@ -62,11 +62,13 @@ def publish_report(summary: dict) -> list[str]:
             figures.append(peak_raster_png(table["time_s"].to_numpy(), table["y_um"].to_numpy(),
                                            table["amplitude"].to_numpy(), png,
                                            f"Peaks of {out_path.stem} {stage['label']}".strip()))
-        elif stage["stage"] in ("motion", "sorting") and "figure" in stage["artifacts"]:  # drawn by the stage
-            png = out_path.with_name(f"{out_path.stem}_{'units' if stage['stage'] == 'sorting' else 'motion'}"
-                                     f"{suffix}.png")
-            shutil.copyfile(stage["artifacts"]["figure"], png)
-            figures.append(png)
+        elif stage["stage"] in ("motion", "sorting"):  # drawn by the stage (motion: one per shank of a multi-shank)
+            for key, drawn in stage["artifacts"].items():
+                if key == "figure" or key.startswith("figure_shank"):
+                    png = out_path.with_name(f"{out_path.stem}_{'units' if stage['stage'] == 'sorting' else 'motion'}"
+                                             f"{suffix}{key[len('figure'):]}.png")
+                    shutil.copyfile(drawn, png)
+                    figures.append(png)
     lines = [f"# {out_path.name}", "", f"Input: `{summary['input']}`  ", f"Output: `{out_path}`  "]
     lines += [f"Work directory of {s['object']}: `{s['workdir']}`  " for s in summary["series"]]
     lines += ["", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]

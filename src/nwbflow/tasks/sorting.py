@@ -14,6 +14,7 @@ from prefect import task
 from nwbflow.atomic import atomic_path
 from nwbflow.ephys.preprocess import PreprocessedSource
 from nwbflow.ephys.recording import PreprocessedRecording
+from nwbflow.ephys.shanks import separate_shanks
 from nwbflow.ephys.sorting.registry import SORTERS
 from nwbflow.ephys.sorting.traces import SnippetGeometry
 from nwbflow.ephys.sorting.units import METRIC_NAMES, MatchedTemplates, UnitReport, UnwhitenedSource, describe_units
@@ -44,7 +45,9 @@ def sorting_task(spec: StageSpec, params: SortingParams, upstream: dict[str, Sta
         if sorter.reads == "preprocessed":
             recording = PreprocessedRecording.load(_sorted_recording(upstream))
             source = recording.open()
-            result = sorter.run(source, recording.channel_positions_um, params, device=run.device,
+            shanks = recording.shank_ids
+            result = sorter.run(source, separate_shanks(recording.channel_positions_um, shanks), params,
+                                device=run.device,
                                 chunk_duration_s=spec.policy.chunks.sorting_s, seed=spec.policy.seed,
                                 progress=run.progress(source.num_samples * (2 + params.template_update_passes)))
             trains = (result.spike_samples, result.spike_units, result.num_units, result.nothing_found)
@@ -63,11 +66,14 @@ def sorting_task(spec: StageSpec, params: SortingParams, upstream: dict[str, Sta
             traces = _filtered(series, spec)
             times_s, positions = series.sample_times_s, series.channel_positions_um
             excluded = traces.estimates.bad_indices
+            shanks = () if series.shank_ids is None else tuple(series.shank_ids)
         samples, units, num_units, nothing_found = trains
         if num_units == 0:  # a silent or too short recording: no units, nothing written, the session goes on
             log.warning("sorting stage on %s found no units: %s", spec.nwb_path, nothing_found)
             return run.finish({}, {"skipped": nothing_found})
-        report = describe_units(traces, samples, units, num_units, positions, params, seed=spec.policy.seed,
+        # a unit's electrodes are the channels nearest its peak on its own shank
+        report = describe_units(traces, samples, units, num_units, separate_shanks(positions, shanks), params,
+                                seed=spec.policy.seed,
                                 matched=matched, whitening_inverse=inverse, excluded_channels=excluded)
         artifacts = _save(run.directory, samples, times_s(samples), units, report, positions, params,
                           traces.sampling_rate_hz)

@@ -14,6 +14,7 @@ from nwbflow.nwb_io.provenance import ProvenanceRecord
 from nwbflow.nwb_io.results import CalciumForNwb, MotionForNwb, PeaksForNwb, SessionResults, UnitsForNwb
 from nwbflow.nwb_io.write import units_destination, write_processed
 from nwbflow.params import SessionParams
+from nwbflow.tasks.motion import motion_files
 from nwbflow.tasks.plan import SeriesFailure, SeriesPlan, SessionPlan
 from nwbflow.tasks.provenance import failure_record
 from nwbflow.tasks.runner import StageOutcome
@@ -46,6 +47,10 @@ def _series_results(series: SeriesPlan, done: dict[str, StageOutcome], params: S
         if not outcome.artifacts:  # a skipped stage (motion on too few peaks, no units) wrote nothing
             continue
         kind, result, where = _result(stage, series, outcome, done, params, units_path)
+        if isinstance(result, list):  # one per shank of a multi-shank probe
+            results.setdefault(kind, []).extend(result)
+            rows.append(dataclasses.replace(outcome.provenance, outputs=tuple(where)))
+            continue
         if result is not None:
             results.setdefault(kind, []).append(result)
         rows.append(dataclasses.replace(outcome.provenance, outputs=(where,) if result is not None else ()))
@@ -63,11 +68,19 @@ def _result(stage: str, series: SeriesPlan, outcome: StageOutcome, done: dict[st
         return "peaks", PeaksForNwb(Path(artifacts["peaks"]), series.object, rate_hz, unit, name), \
             layout.object_path(layout.ECEPHYS_MODULE, name)
     if stage == "motion":
-        name = layout.named(layout.MOTION, label)
-        return "motion", MotionForNwb(
-            Path(artifacts["motion"]), series.object, "medicine", outcome.provenance.parameters,
-            f"MEDiCINe motion estimate (nwbflow) of {series.object} from its detected peaks' localized depths.",
-            name), layout.object_path(layout.ECEPHYS_MODULE, name)
+        files = motion_files(artifacts)
+        if list(files) == [""]:
+            name = layout.named(layout.MOTION, label)
+            return "motion", MotionForNwb(
+                files[""], series.object, "medicine", outcome.provenance.parameters,
+                f"MEDiCINe motion estimate (nwbflow) of {series.object} from its detected peaks' localized depths.",
+                name), layout.object_path(layout.ECEPHYS_MODULE, name)
+        names = {shank: layout.named(layout.named(layout.MOTION, label), f"shank{shank}") for shank in files}
+        return "motion", [MotionForNwb(
+            path, series.object, "medicine", outcome.provenance.parameters,
+            f"MEDiCINe motion estimate (nwbflow) of shank {shank} of {series.object}, from the localized depths of "
+            "the peaks on that shank's channels (each shank fitted and corrected on its own).", names[shank])
+            for shank, path in files.items()], [layout.object_path(layout.ECEPHYS_MODULE, n) for n in names.values()]
     if stage == "sorting":
         return "units", UnitsForNwb(Path(artifacts["spikes"]), Path(artifacts["units"]), series.object,
                                     params.sorting.sorter, tuple(METRIC_DESCRIPTIONS.items()), label), units_path

@@ -57,7 +57,7 @@ from nwbflow.device import OomBackoff
 from nwbflow.ephys.chunk_stream import stream_to_binary
 from nwbflow.ephys.chunks import ProgressFn, TraceSource, Window
 from nwbflow.ephys.filtering import host_tensor
-from nwbflow.ephys.motion.displacement import Motion
+from nwbflow.ephys.motion.displacement import Motion, ShankMotion
 from nwbflow.ephys.motion.interpolation import SpatialInterpolator
 from nwbflow.ephys.preprocess import CPU_WINDOW_BYTES
 from nwbflow.errors import BadInputError
@@ -83,7 +83,7 @@ class MotionInterpolationKernel:
     ----------
     interpolator : SpatialInterpolator
         Over the channel positions; sets the device.
-    motion : Motion
+    motion : Motion or ShankMotion (each channel moved by its shank's motion, read from its shank only)
     sample_times_s : float or (num_samples,) float array, s
         The first sample's time (samples then every ``1 / sampling_rate_hz``),
         or every sample's time (increasing; any sliceable 1-D array, e.g. NWB
@@ -99,19 +99,25 @@ class MotionInterpolationKernel:
 
     margin = 0
 
-    def __init__(self, interpolator: SpatialInterpolator, motion: Motion, sample_times_s: float | np.ndarray,
-                 sampling_rate_hz: float, whitening: tuple[np.ndarray, np.ndarray] | None = None):
+    def __init__(self, interpolator: SpatialInterpolator, motion: Motion | ShankMotion,
+                 sample_times_s: float | np.ndarray, sampling_rate_hz: float,
+                 whitening: tuple[np.ndarray, np.ndarray] | None = None):
         if motion.direction not in ("x", "y"):
             raise BadInputError(f"motion along {motion.direction!r} cannot move 2-D channel positions",
                                 fix="use a motion along 'y' (or 'x')")
         self.interpolator, self.motion, self.device = interpolator, motion, interpolator.device
         self.contacts_um = interpolator.contacts.cpu().numpy()
         self.sample_times_s, self.sampling_rate_hz = sample_times_s, float(sampling_rate_hz)
-        self._midpoints_s = 0.5 * (motion.time_bins_s[1:] + motion.time_bins_s[:-1])
+        self._bins_s = motion.time_bins_s
+        self._midpoints_s = 0.5 * (self._bins_s[1:] + self._bins_s[:-1])
         self._whitening = None if whitening is None else tuple(
             torch.as_tensor(np.asarray(m, np.float64), dtype=torch.float64, device=self.device) for m in whitening)
         self._weights: dict[int, torch.Tensor] = {}
         self._buffers: dict[str, torch.Tensor] = {}
+        self._same_shank = None
+        if isinstance(motion, ShankMotion):  # a channel reads from its own shank only
+            shanks = torch.as_tensor(motion.channel_shanks, device=self.device)
+            self._same_shank = (shanks[:, None] == shanks[None, :]).to(torch.float32)
 
     def fresh_copy(self) -> MotionInterpolationKernel:
         """The same constants, its own weight cache and buffers (one per concurrent stream)."""
@@ -132,10 +138,8 @@ class MotionInterpolationKernel:
         """(len(bins), C, 2) float64, µm: where each channel reads in each time bin (rest + displacement)."""
         contacts = self.contacts_um
         axis = "xy".index(self.motion.direction)
-        centres_s = np.repeat(self.motion.time_bins_s[bins], len(contacts))
-        depth_um = np.tile(contacts[:, axis], len(bins))
         targets = np.repeat(contacts[None], len(bins), axis=0)
-        targets[:, :, axis] += self.motion.displacement_at(centres_s, depth_um).reshape(len(bins), -1)
+        targets[:, :, axis] += self.motion.channel_displacement(self._bins_s[bins], contacts[:, axis])
         return targets
 
     def _weights_for(self, first_bin: int, last_bin: int) -> dict[int, torch.Tensor]:
@@ -144,6 +148,8 @@ class MotionInterpolationKernel:
         missing = np.array([b for b in wanted if b not in self._weights], dtype=np.int64)
         if len(missing):
             batch = self.interpolator.weights(self.targets_um(missing))
+            if self._same_shank is not None:
+                batch = batch * self._same_shank.to(batch.dtype)
             if self._whitening is not None:
                 white, unwhite = self._whitening
                 batch = white @ batch.to(torch.float64) @ unwhite
@@ -215,7 +221,8 @@ class MotionCorrectionResult:
     outside_fraction: float
 
 
-def _build_kernel(source: TraceSource, channel_positions_um: np.ndarray, motion: Motion, params: MotionParams,
+def _build_kernel(source: TraceSource, channel_positions_um: np.ndarray, motion: Motion | ShankMotion,
+                  params: MotionParams,
                   sample_times_s: float | np.ndarray, device: torch.device | str, whitening: np.ndarray | None,
                   whitening_inverse: np.ndarray | None) -> MotionInterpolationKernel:
     """Check the inputs against the source and build the kernel."""
@@ -244,7 +251,7 @@ def _build_kernel(source: TraceSource, channel_positions_um: np.ndarray, motion:
     return MotionInterpolationKernel(interpolator, motion, sample_times_s, source.sampling_rate_hz, pair)
 
 
-def correct_motion_to_binary(source: TraceSource, channel_positions_um: np.ndarray, motion: Motion,
+def correct_motion_to_binary(source: TraceSource, channel_positions_um: np.ndarray, motion: Motion | ShankMotion,
                              params: MotionParams, out_path: str | Path, *, sample_times_s: float | np.ndarray = 0.0,
                              device: torch.device | str = "cpu", dtype: str = "float32",
                              progress: ProgressFn | None = None, chunk_samples: int | None = None,
@@ -257,7 +264,7 @@ def correct_motion_to_binary(source: TraceSource, channel_positions_um: np.ndarr
     source : TraceSource
         Traces to correct, e.g. ``PreprocessedRecording.open()``.
     channel_positions_um : (num_channels, 2) float, µm
-    motion : Motion
+    motion : Motion or ShankMotion (each channel moved by its shank's motion, read from its shank only)
         Displacement on the same clock as ``sample_times_s``.
     params : MotionParams
         ``interpolation``, ``kriging_sigma_um``, ``kriging_p``, ``correction_radius_um``, ``idw_num_closest``.
@@ -333,7 +340,7 @@ class MotionCorrectedSource:
     computes the weights of the time bins it touches (the last read's are kept).
     """
 
-    def __init__(self, source: TraceSource, channel_positions_um: np.ndarray, motion: Motion,
+    def __init__(self, source: TraceSource, channel_positions_um: np.ndarray, motion: Motion | ShankMotion,
                  params: MotionParams, *, sample_times_s: float | np.ndarray = 0.0,
                  device: torch.device | str = "cpu", whitening: np.ndarray | None = None,
                  whitening_inverse: np.ndarray | None = None):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Motion"]
+__all__ = ["Motion", "ShankMotion"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,6 +75,13 @@ class Motion:
         high = grid[high_t, id_] * (1 - wd) + grid[high_t, id_ + 1 if grid.shape[1] > 1 else id_] * wd
         return low * (1 - wt) + high * wt
 
+    def channel_displacement(self, times_s: np.ndarray, depths_um: np.ndarray) -> np.ndarray:
+        """(len(times_s), len(depths_um)) float64, µm: the displacement of each channel (its rest depth) at
+        each time."""
+        times_s, depths_um = np.asarray(times_s, np.float64), np.asarray(depths_um, np.float64)
+        grid_t = np.repeat(times_s, len(depths_um))
+        return self.displacement_at(grid_t, np.tile(depths_um, len(times_s))).reshape(len(times_s), -1)
+
     def to_spikeinterface(self):
         """As ``spikeinterface.core.motion.Motion`` (one segment); SpikeInterface is imported here only."""
         from spikeinterface.core.motion import Motion as SiMotion
@@ -91,3 +98,45 @@ def _bracket(centres: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.nd
     index = np.clip(np.searchsorted(centres, values, side="right") - 1, 0, len(centres) - 2)
     weight = np.clip((values - centres[index]) / (centres[index + 1] - centres[index]), 0.0, 1.0)
     return index, weight
+
+
+@dataclass(frozen=True, eq=False)
+class ShankMotion:
+    """One :class:`Motion` per shank of a multi-shank probe: each channel moves with its own shank's.
+
+    Attributes
+    ----------
+    motions : tuple of Motion, one per shank (the same ``direction``)
+    channel_shanks : (C,) int64, index into ``motions`` of each channel's shank
+    labels : tuple of str, each shank's name (the electrodes' shank or group)
+    """
+
+    motions: tuple[Motion, ...]
+    channel_shanks: np.ndarray
+    labels: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        shanks = np.asarray(self.channel_shanks, np.int64)
+        if len(self.motions) != len(self.labels) or shanks.min() < 0 or shanks.max() >= len(self.motions):
+            raise ValueError(f"{len(self.motions)} motions, {len(self.labels)} labels and channel shanks in "
+                             f"[{shanks.min()}, {shanks.max()}] do not agree")
+        if len({m.direction for m in self.motions}) != 1:
+            raise ValueError("every shank's motion must be along the same direction")
+        object.__setattr__(self, "channel_shanks", shanks)
+
+    @property
+    def direction(self) -> str:
+        return self.motions[0].direction
+
+    @property
+    def time_bins_s(self) -> np.ndarray:
+        """Every shank's time bin centres, merged (s, increasing)."""
+        return np.unique(np.concatenate([m.time_bins_s for m in self.motions]))
+
+    def channel_displacement(self, times_s: np.ndarray, depths_um: np.ndarray) -> np.ndarray:
+        """As :meth:`Motion.channel_displacement`, each channel (column) by its shank's motion."""
+        out = np.empty((len(times_s), len(depths_um)))
+        for shank, motion in enumerate(self.motions):
+            mine = self.channel_shanks == shank
+            out[:, mine] = motion.channel_displacement(times_s, np.asarray(depths_um)[mine])
+        return out
