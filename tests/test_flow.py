@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -131,8 +132,10 @@ def test_motion_estimate_names_its_series_in_the_raw_file(processed, small_sessi
         assert series_path.split("/")[-1] not in nwbfile.acquisition  # the bulk data stayed in the raw file
     assert Path(motion["artifacts"]["figure"]).stat().st_size > 10_000
     corrected = Path(motion["artifacts"]["corrected"])
+    record = json.loads(Path(motion["artifacts"]["recording"]).read_text())
+    assert corrected.stat().st_size == record["num_samples"] * record["num_channels"] * 2  # float16
     preprocessed = next(s for s in processed["summary"]["stages"] if s["stage"] == "preprocess")
-    assert corrected.stat().st_size == Path(preprocessed["artifacts"]["preprocessed"]).stat().st_size
+    assert not Path(preprocessed["artifacts"]["preprocessed"]).exists()  # the sorter read the corrected one
     assert any(str(f).endswith("_motion.png") for f in processed["summary"]["figures"])
 
 

@@ -359,6 +359,10 @@ class ExecutionPolicy(_Params):
     stage_timeout_s: float | None = Field(
         None, gt=0, description="Stop a stage that runs longer than this (s); checked between chunks. "
                                 "Default: no limit.")
+    keep_preprocessed_binary: bool = Field(
+        False, description="Keep the preprocessed binary after the motion stage wrote a corrected one (by default "
+                           "it is deleted once a series' stages have run: the sorter reads the corrected one; "
+                           "~83 GB per recording-hour at 384 channels).")
     series_at_once: int = Field(
         1, ge=1, le=64, description="Series (probes, imaging planes) processed at once, each its own chain of "
                                     "stages; on CUDA each stage holds a 'gpu' slot. Torch's CPU threads are "

@@ -21,7 +21,9 @@ from nwbflow.tasks.peaks import peaks_task
 from nwbflow.tasks.plan import SeriesFailure, SeriesPlan, plan_session, stage_needs
 from nwbflow.tasks.preprocess import preprocess_task
 from nwbflow.tasks.report import publish_report
-from nwbflow.tasks.runner import run_stage
+from nwbflow.tasks.caching import is_complete
+from nwbflow.tasks.runner import StageOutcome, run_stage
+from nwbflow.tasks.scratch import binary_present, binary_sources, forget, holding, release_unread
 from nwbflow.tasks.sorting import sorting_task
 from nwbflow.tasks.writeback import write_back_task
 
@@ -113,12 +115,25 @@ def _run_series(plan, params: SessionParams):
     """
 
     def chain(series: SeriesPlan):
-        done, stage = {}, "plan"
+        done, specs, stage = {}, {}, "plan"
+
+        def run(name: str) -> StageOutcome:
+            upstream = {need: done[need] for need in stage_needs(name, params) if need in done}
+            sources = binary_sources(name, upstream)
+            if not is_complete(specs[name].path):  # it computes: the binaries it reads must be there
+                for source in sources:
+                    if not binary_present(done[source]):  # deleted after an earlier run: computed again
+                        forget(done[source])
+                        done[source] = upstream[source] = run(source)
+            with holding([upstream[source] for source in sources]):
+                return run_stage(STAGE_TASKS[name], specs[name], getattr(params, name), upstream)
+
         try:
             for stage in series.stages:
-                spec = plan.spec(series, stage, params, done)
-                upstream = {need: done[need] for need in stage_needs(stage, params) if need in done}
-                done[stage] = run_stage(STAGE_TASKS[stage], spec, getattr(params, stage), upstream)
+                specs[stage] = plan.spec(series, stage, params, done)
+                done[stage] = run(stage)
+            if not params.execution.keep_preprocessed_binary:
+                release_unread(done)
         except Exception as exc:  # noqa: BLE001 - a failing series fails alone; the run names it
             log.error("%s: %s failed in stage %s: %s: %s", plan.nwb_path, series.object, stage,
                       type(exc).__name__, exc)
