@@ -27,7 +27,8 @@ BLAS and numba, and ``n_jobs`` of SpikeInterface's job kwargs), each on each rec
                   (tune_host_allocator): preprocess_to_binary (PreprocessParams()) -> iter_peaks
                   (PeakParams(localization="monopolar_triangulation")) -> estimate_motion
                   (MotionParams(), on |amplitude|) -> correct_motion_to_binary (whitening-aware) ->
-                  sort_traces (SortingParams()) on the corrected, whitened binary; each phase timed
+                  sort_traces (SortingParams(), and W^-1 as the flow gives it) on the corrected,
+                  whitened binary; each phase timed
                   (``--ours-until`` stops after a phase: harness checks only, no scores)
   ours_nomotion   the same without motion estimation and correction: sorts the preprocessed binary
   spykingcircus2  run_sorter with its defaults (its own filtering, whitening and motion correction)
@@ -185,7 +186,8 @@ def run_ours(recording, workdir: Path, motion: bool, until: str, device: str) ->
     from nwbflow.params import SortingParams
 
     params = SortingParams()
-    result = sort_traces(sort_input.open(), positions, params, device=torch.device(device), progress=None)
+    result = sort_traces(sort_input.open(), positions, params, device=torch.device(device), progress=None,
+                         whitening_inverse=sort_input.whitening_inverse)  # as the flow's sorting stage
     phases["sorting"] = _lap(clock, phases, device)
     extra["params"]["sorting"] = params.model_dump(mode="json")
     extra["detected_spikes"] = getattr(result, "detected_spikes", None)

@@ -93,12 +93,12 @@ class TreeSampler(threading.Thread):
             self.stop.wait(0.2)
 
 
-def synth(data: Path, duration_s: float, channels: int, units: int) -> Path:
-    path = data / f"np{channels}_{int(duration_s)}s.nwb"
+def synth(data: Path, duration_s: float, channels: int, units: int, shanks: int) -> Path:
+    path = data / f"np{channels}_{int(duration_s)}s{f'_{shanks}shanks' if shanks > 1 else ''}.nwb"
     if not path.is_file():
         subprocess.run([sys.executable, "-m", "nwbflow.cli", "synth", str(path), "--num-channels", str(channels),
-                        "--num-units", str(units), "--duration-s", str(duration_s), "--drift", "--no-ophys"],
-                       check=True)
+                        "--num-units", str(units), "--duration-s", str(duration_s), "--drift", "--no-ophys",
+                        "--shanks", str(shanks)], check=True)
     return path
 
 
@@ -164,13 +164,17 @@ def accuracy(raw: Path, out: Path) -> dict:
         units = io.read().units
         trains = {int(i): np.rint(np.asarray(units["spike_times"][i]) * rate).astype(np.int64)
                   for i in range(len(units))}
+        columns = set(units.colnames)
+        found_amplitude = (np.abs(units["amplitude_median"][:]) if "amplitude_median" in columns
+                           else np.full(len(units), np.nan))
+        found_snr = units["snr"][:] if "snr" in columns else np.full(len(units), np.nan)
     found = NumpySorting.from_unit_dict([trains], sampling_frequency=rate)
     gt = truth.to_sorting()
     comparison = compare_sorter_to_ground_truth(gt, found, exhaustive_gt=True)
     performance = comparison.get_performance().astype(float).fillna(0.0)
-    well = set(comparison.get_well_detected_units(well_detected_score=WELL_DETECTED))
     amplitude = _gt_amplitudes(truth)
-    agreement = comparison.agreement_scores
+    agreement, match = comparison.agreement_scores, comparison.hungarian_match_12
+    well = {u for u in gt.unit_ids if match[u] != -1 and agreement.at[u, match[u]] >= WELL_DETECTED}
     missed = []
     for unit in gt.unit_ids:
         if unit in well:
@@ -182,11 +186,39 @@ def accuracy(raw: Path, out: Path) -> dict:
                        "amplitude_uv": round(float(amplitude[int(unit)]), 1),
                        "depth_um": round(float(truth.unit_locations_um[int(unit), 1]), 1),
                        "found_units_sharing": len(sharing)})
-    return {"units_found": int(found.get_num_units()), "well_detected": len(well),
+    best = agreement.max(axis=0)  # each found unit's best agreement with a ground-truth unit
+    matched = set(match[match != -1].values)
+    extra = [{"unit": int(u), "best_agreement": round(float(best[u]), 3),
+              "kind": "redundant" if best[u] >= 0.2 else "false positive",
+              "amplitude_uv": round(float(found_amplitude[int(u)]), 1), "snr": round(float(found_snr[int(u)]), 1)}
+             for u in found.unit_ids if u not in matched]
+    return {"motion_error_um": _motion_errors(out, truth), "units_found": int(found.get_num_units()),
+            "well_detected": len(well),
             "false_positive": int(comparison.count_false_positive_units()),
             "redundant": int(comparison.count_redundant_units()),
             "overmerged": int(comparison.count_overmerged_units()),
-            "gt_amplitude_uv_median": round(float(np.median(amplitude)), 1), "not_well_detected": missed}
+            "gt_amplitude_uv_median": round(float(np.median(amplitude)), 1), "not_well_detected": missed,
+            "unmatched_found_units": extra}
+
+
+def _motion_errors(out: Path, truth) -> dict[str, float]:
+    """Per motion estimate in the output (one per shank on a multi-shank probe): RMS over the recording's time
+    bins of (estimate - true drift), µm, the constant offset between them removed (motion is known up to
+    one), at the depth bins' middle."""
+    from pynwb import NWBHDF5IO
+
+    errors = {}
+    with NWBHDF5IO(str(out), "r") as io:
+        module = io.read().processing.get("ecephys")
+        for name, estimate in ({} if module is None else module.data_interfaces).items():
+            if not name.startswith("motion"):
+                continue
+            times, depths = estimate.time_bin_centers[:], estimate.depth_bin_centers[:]
+            column = estimate.displacement[:][:, len(depths) // 2]
+            true = np.interp(times, truth.drift_time_bins_s, truth.drift_displacement_um[:, 0])
+            difference = column - true
+            errors[name] = round(float(np.sqrt(np.mean((difference - difference.mean()) ** 2))), 2)
+    return errors
 
 
 def _gt_amplitudes(truth) -> np.ndarray:
@@ -200,6 +232,7 @@ def main() -> None:
     parser.add_argument("--durations", type=float, nargs="+", default=[300.0])
     parser.add_argument("--num-channels", type=int, default=384)
     parser.add_argument("--num-units", type=int, default=100)
+    parser.add_argument("--shanks", type=int, default=1, help="4: a Neuropixels 2.0-like four-shank probe")
     parser.add_argument("--rows", nargs="+", default=["ours"], choices=sorted(ROWS))
     parser.add_argument("--keep-work", action="store_true", help="leave each row's work directory")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/whole_run.json"))
@@ -207,22 +240,25 @@ def main() -> None:
     args.data.mkdir(parents=True, exist_ok=True)
     results = []
     for duration in args.durations:
-        raw = synth(args.data, duration, args.num_channels, args.num_units)
+        raw = synth(args.data, duration, args.num_channels, args.num_units, args.shanks)
         for row in args.rows:
-            work = args.data / f"run-{row}-{int(duration)}s"
+            work = args.data / f"run-{row}-{int(duration)}s-{args.shanks}shank"
             print(f"{row}, {duration:g} s: {time.strftime('%H:%M:%S')}", flush=True)
-            result = {"duration_s": duration, "channels": args.num_channels, **run_row(raw, row, work)}
+            result = {"duration_s": duration, "channels": args.num_channels, "shanks": args.shanks,
+                      **run_row(raw, row, work)}
             result.update(accuracy(raw, Path(result["out"])))
             result["work_gb_per_hour"] = {f["file"]: round(f["gb"] / duration * 3600, 1) for f in result["work_files"]}
             results.append(result)
-            print(json.dumps({k: v for k, v in result.items() if k != "not_well_detected"}), flush=True)
+            print(json.dumps({k: v for k, v in result.items()
+                              if k not in ("not_well_detected", "unmatched_found_units")}), flush=True)
             if not args.keep_work:
                 shutil.rmtree(work / "w", ignore_errors=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"cpus": os.cpu_count(), "rows": results}, indent=1))
-    header = ["row", "recording s", "wall s", "× real time", "peak RSS GB (tree / main)", "well / found",
+    header = ["row", "shanks", "recording s", "wall s", "× real time", "peak RSS GB (tree / main)", "well / found",
               "FP + redundant", "work dir GB per hour"]
-    print(format_table(header, [[r["row"], r["duration_s"], r["wall_s"], round(r["duration_s"] / r["wall_s"], 2),
+    print(format_table(header, [[r["row"], r["shanks"], r["duration_s"], r["wall_s"],
+                                 round(r["duration_s"] / r["wall_s"], 2),
                                  f"{r['peak_rss_tree_gb']} / {r['peak_rss_main_gb']}",
                                  f"{r['well_detected']} / {r['units_found']}", r["false_positive"] + r["redundant"],
                                  round(sum(r["work_gb_per_hour"].values()), 1)] for r in results], 140))

@@ -308,3 +308,57 @@ def test_misaligned_units_have_their_template_trough_away_from_the_detection_sam
     ]).astype(np.float32)
     misaligned = misaligned_units(templates, np.array([0, 1, 2, 3, 3]), 5, before, FS)
     assert misaligned.tolist() == [False, False, True, True, False]  # unit 4 has no template: not flagged
+
+
+def _drift_split_pair(num_samples: int, seed: int, independent: bool):
+    """Two whitened templates of one footprint 8 µm apart (a neuron's two ends of a residual drift), W^-1, and
+    their matches: one neuron's spikes shared between them by time (refractory across the pair), or, with
+    ``independent``, two Poisson trains (no refractory dip between them)."""
+    from nwbflow.ephys.sorting.matching import Matches
+    from nwbflow.ephys.sorting.templates import Templates
+
+    depth = 20.0 * np.arange(12)
+    covariance = np.exp(-np.abs(depth[:, None] - depth[None, :]) / 100.0) + 1e-3 * np.eye(12)  # shared noise
+    values, vectors = np.linalg.eigh(covariance)
+    whitening, inverse = (vectors * values ** -0.5) @ vectors.T, (vectors * values ** 0.5) @ vectors.T
+    footprints = np.stack([np.exp(-0.5 * ((depth - centre) / 15.0) ** 2) for centre in (110.0, 118.0)])
+    basis = torch.tensor(np.hanning(20)[:, None] / np.linalg.norm(np.hanning(20)), dtype=torch.float32)
+    spatial = torch.tensor((footprints @ whitening.T)[:, :, None], dtype=torch.float32)
+    templates = Templates(basis, spatial, before=10)
+    rng = np.random.default_rng(seed)
+    if independent:
+        trains = [np.sort(rng.choice(num_samples, 400, replace=False)) for _ in range(2)]
+    else:  # one neuron, 2 ms apart at least, its spikes on one template or the other by the drift's phase
+        times = np.cumsum(rng.integers(60, 2 * num_samples // 800, 800))
+        times = times[times < num_samples]
+        phase = (times // (num_samples // 6)) % 2
+        trains = [times[phase == 0], times[phase == 1]]
+    samples = np.concatenate(trains)
+    units = np.concatenate([np.full(len(t), k) for k, t in enumerate(trains)])
+    order = np.argsort(samples)
+    return templates, inverse, Matches(samples[order], units[order], np.ones(len(samples), np.float32))
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_a_drift_split_neuron_is_merged_on_the_filtered_scale_two_neurons_are_not(independent):
+    from nwbflow.ephys.sorting.curation import merge_oversplit_units
+    from nwbflow.ephys.sorting.templates import similarity
+
+    num_samples = 30000 * 60
+    templates, inverse, matches = _drift_split_pair(num_samples, seed=3, independent=independent)
+    filtered = templates.unwhitened(np.ones(12), inverse)
+    assert float(similarity(templates, 2)[0, 1]) < 0.9 < float(similarity(filtered, 2)[0, 1])
+    params = SortingParams()
+    _, whitened_units = merge_oversplit_units(matches, templates, params, 30000.0, num_samples, 2)
+    _, filtered_units = merge_oversplit_units(matches, templates, params, 30000.0, num_samples, 2, filtered)
+    assert len(set(whitened_units.tolist())) == 2  # the whitened shapes alone never test the pair
+    assert len(set(filtered_units.tolist())) == (2 if independent else 1)  # the refractory test decides
+
+
+def test_unwhitened_templates_are_w_inverse_of_the_noise_scaled_templates():
+    rng = np.random.default_rng(0)
+    basis = torch.linalg.qr(torch.randn(20, 3))[0]
+    templates = Templates(basis, torch.randn(4, 6, 3), before=8)
+    noise, inverse = rng.uniform(0.5, 2.0, 6), rng.normal(size=(6, 6))
+    expected = np.einsum("dc,ktc->ktd", inverse, templates.dense().numpy() * noise)
+    np.testing.assert_allclose(templates.unwhitened(noise, inverse).dense().numpy(), expected, rtol=1e-4, atol=1e-5)

@@ -47,7 +47,7 @@ def sorting_task(spec: StageSpec, params: SortingParams, upstream: dict[str, Sta
             source = recording.open()
             shanks = recording.shank_ids
             result = sorter.run(source, separate_shanks(recording.channel_positions_um, shanks), params,
-                                device=run.device,
+                                device=run.device, whitening_inverse=recording.whitening_inverse,
                                 chunk_duration_s=spec.policy.chunks.sorting_s, seed=spec.policy.seed,
                                 progress=run.progress(source.num_samples * (2 + params.template_update_passes)))
             trains = (result.spike_samples, result.spike_units, result.num_units, result.nothing_found)

@@ -81,7 +81,7 @@ class SortingResult:
 def sort_traces(source: TraceSource, channel_positions_um: np.ndarray, params: SortingParams, *,
                 chunk_duration_s: float = DEFAULT_CHUNKS.sorting_s, seed: int = 0,
                 device: torch.device | str = "cpu", noise: np.ndarray | None = None,
-                progress: ProgressFn | None = None) -> SortingResult:
+                progress: ProgressFn | None = None, whitening_inverse: np.ndarray | None = None) -> SortingResult:
     """Sort the spikes of ``source`` (preprocessed traces, ideally whitened and motion-corrected).
 
     Parameters
@@ -100,6 +100,10 @@ def sort_traces(source: TraceSource, channel_positions_um: np.ndarray, params: S
         Per-channel noise in the source's units; default: ``detection.sorter_noise_levels``.
     progress : callable (done, total) or None
         Called after each chunk of each pass; ``total`` counts all passes' samples.
+    whitening_inverse : (num_channels, num_channels) float or None
+        ``W^-1`` of whitened traces (``PreprocessedRecording.whitening_inverse``): over-split units are then
+        compared on the filtered scale, where one neuron's templates from two ends of a drift stay alike
+        (:func:`~nwbflow.ephys.sorting.curation.merge_oversplit_units`).
 
     Returns
     -------
@@ -122,7 +126,8 @@ def sort_traces(source: TraceSource, channel_positions_um: np.ndarray, params: S
     geometry = SnippetGeometry.of(params, fs)
     chunk_samples = max(int(round(chunk_duration_s * fs)), 8 * geometry.width)
     try:
-        return _sort(source, positions, params, geometry, chunk_samples, seed, device, noise, progress)
+        return _sort(source, positions, params, geometry, chunk_samples, seed, device, noise, progress,
+                     whitening_inverse)
     except NothingToSort as reason:
         log.warning("sorting found no units: %s", reason)
         empty = np.zeros(0, np.int64)
@@ -136,7 +141,7 @@ def sort_traces(source: TraceSource, channel_positions_um: np.ndarray, params: S
 
 def _sort(source: TraceSource, positions: np.ndarray, params: SortingParams, geometry: SnippetGeometry,
           chunk_samples: int, seed: int, device: torch.device, noise: np.ndarray | None,
-          progress: ProgressFn | None) -> SortingResult:
+          progress: ProgressFn | None, whitening_inverse: np.ndarray | None) -> SortingResult:
     fs = float(source.sampling_rate_hz)
     noise = sorter_noise_levels(source, seed) if noise is None else np.asarray(noise, dtype=np.float64)
     scaled = ScaledSource(source, noise, device)
@@ -169,7 +174,8 @@ def _sort(source: TraceSource, positions: np.ndarray, params: SortingParams, geo
                                       max_lag, update_fraction)
     matches = match_recording(scaled, templates, params.match_threshold, params.match_passes, chunk_samples,
                               score_noise_levels(noise_chunks, templates), progress=passes.next())
-    curated = curate(matches, templates, params, fs, source.num_samples, max_lag)
+    filtered = None if whitening_inverse is None else templates.unwhitened(noise, whitening_inverse)
+    curated = curate(matches, templates, params, fs, source.num_samples, max_lag, filtered)
     kept = curated.spike_units >= 0
     log.info("sorting: %d templates -> %d units, %d spikes", templates.num_units, curated.num_units, int(kept.sum()))
     return SortingResult(spike_samples=matches.samples[kept], spike_units=curated.spike_units[kept],

@@ -51,6 +51,15 @@ class Templates:
         """(K, T, C) templates."""
         return torch.einsum("tr,kcr->ktc", self.basis, self.spatial)
 
+    def unwhitened(self, noise_levels: np.ndarray, whitening_inverse: np.ndarray) -> Templates:
+        """The templates on the filtered scale (µV): each channel times its noise level (the sorter divides
+        the whitened traces by it), then ``W^-1`` applied to every sample."""
+        device = self.spatial.device
+        scale = torch.as_tensor(np.asarray(noise_levels, np.float64), dtype=torch.float32, device=device)
+        inverse = torch.as_tensor(np.asarray(whitening_inverse, np.float64), dtype=torch.float32, device=device)
+        return Templates(self.basis, torch.einsum("dc,kcr->kdr", inverse, self.spatial * scale[None, :, None]),
+                         self.before)
+
     def squared_norms(self) -> torch.Tensor:
         """(K,) ``||W_k||^2`` (the basis is orthonormal)."""
         return (self.spatial ** 2).sum(dim=(1, 2))
