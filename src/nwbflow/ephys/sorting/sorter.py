@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 
 #: Largest shift (ms) at which two templates are compared for duplicates and merges.
 MERGE_MAX_LAG_MS = 0.25
+#: On the CPU a chunk's float32 traces are kept to about this size: detection and matching hold ~12 arrays of
+#: a chunk's size at once (scores per prototype and footprint, their spectra, projections), which at 384
+#: channels and 2 s chunks was ~1.2 GB of the sorting stage's peak; at 32 channels chunks stay 2 s.
+CPU_CHUNK_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,8 @@ def sort_traces(source: TraceSource, channel_positions_um: np.ndarray, params: S
     channel_positions_um : (num_channels, 2) float, µm
     params : SortingParams
     chunk_duration_s : float
-        Samples detected and matched at once (s), the execution policy's ``chunks.sorting_s``.
+        Samples detected and matched at once (s), the execution policy's ``chunks.sorting_s``; on the CPU at
+        most ``CPU_CHUNK_BYTES`` of float32 traces too.
     seed : int
         Seed of every random choice (sampled chunks, clustering, subsets).
     device : torch.device or str
@@ -125,6 +130,8 @@ def sort_traces(source: TraceSource, channel_positions_um: np.ndarray, params: S
     fs = float(source.sampling_rate_hz)
     geometry = SnippetGeometry.of(params, fs)
     chunk_samples = max(int(round(chunk_duration_s * fs)), 8 * geometry.width)
+    if device.type == "cpu":
+        chunk_samples = max(min(chunk_samples, CPU_CHUNK_BYTES // (4 * source.num_channels)), 8 * geometry.width)
     try:
         return _sort(source, positions, params, geometry, chunk_samples, seed, device, noise, progress,
                      whitening_inverse)
