@@ -136,3 +136,24 @@ def test_the_shanks_are_named_in_provenance_and_the_record(four_shanks):
     assert sorted(motion["outputs"]) == [f"processing/ecephys/motion_shank{k}" for k in range(4)]
     record = json.loads(Path(_stage(four_shanks["summary"], "preprocess")["artifacts"]["recording"]).read_text())
     assert sorted(set(record["shank_ids"])) == ["0", "1", "2", "3"]
+
+
+def test_a_shank_whose_peaks_cannot_be_fitted_is_left_uncorrected_not_the_probe(tmp_path):
+    """A shank whose channels sit at one depth (its peaks too): zero motion for it, with a warning; the same
+    peaks as a whole probe's still fail its stage."""
+    from types import SimpleNamespace
+
+    from nwbflow.errors import BadInputError
+    from nwbflow.tasks.motion import _fit_and_save
+
+    run = SimpleNamespace(directory=tmp_path, device="cpu", progress=lambda *args, **kwargs: None)
+    spec = SimpleNamespace(nwb_path="x.nwb", policy=SimpleNamespace(seed=0))
+    rng = np.random.default_rng(0)
+    times, depths, amplitudes = np.sort(rng.uniform(0, 60, 500)), np.full(500, 40.0), rng.uniform(5, 50, 500)
+    artifacts = {}
+    motion, fit = _fit_and_save(run, spec, MotionParams(**FAST_MOTION), times, depths, amplitudes, "_shank3",
+                                artifacts, "shank 3: ", one_of_many=True)
+    assert fit is None and not motion.displacement_um.any()
+    assert set(artifacts) == {"motion_shank3"}  # saved (zero), no figure
+    with pytest.raises(BadInputError, match="same depth"):
+        _fit_and_save(run, spec, MotionParams(**FAST_MOTION), times, depths, amplitudes, "", {}, "")

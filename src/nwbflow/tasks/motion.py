@@ -18,6 +18,7 @@ from nwbflow.ephys.motion import Motion, ShankMotion, estimate_motion
 from nwbflow.ephys.motion.correction import correct_motion_to_binary
 from nwbflow.ephys.motion.medicine import MIN_PEAKS
 from nwbflow.ephys.recording import PreprocessedRecording
+from nwbflow.errors import BadInputError
 from nwbflow.params import MotionParams
 from nwbflow.plots import motion_png
 from nwbflow.tasks.runner import STAGE_TASK, StageOutcome, StageRun, StageSpec
@@ -66,7 +67,7 @@ def motion_task(spec: StageSpec, params: MotionParams, upstream: dict[str, Stage
             mine = peak_shanks == shank
             suffix = f"{SHANK_KEY}{label}" if len(labels) > 1 else ""
             motion, fit = _fit_and_save(run, spec, params, time_s[mine], depth_um[mine], amplitude[mine], suffix,
-                                        artifacts, f"shank {label}: " if suffix else "")
+                                        artifacts, f"shank {label}: " if suffix else "", one_of_many=bool(suffix))
             motions.append(motion)
             fits.append(fit)
         motion = motions[0] if len(labels) == 1 else ShankMotion(tuple(motions), channel_shanks,
@@ -93,17 +94,23 @@ def motion_task(spec: StageSpec, params: MotionParams, upstream: dict[str, Stage
 
 
 def _fit_and_save(run: StageRun, spec: StageSpec, params: MotionParams, time_s: np.ndarray, depth_um: np.ndarray,
-                  amplitude: np.ndarray, suffix: str, artifacts: dict, what: str):
+                  amplitude: np.ndarray, suffix: str, artifacts: dict, what: str, *, one_of_many: bool = False):
     """Fit one probe's or shank's peaks, save ``motion<suffix>.npz`` and its figure into ``artifacts``; returns
-    (Motion, MotionFit or None). A shank with too few peaks gets zero motion (logged)."""
-    if len(time_s) < MIN_PEAKS:
+    (Motion, MotionFit or None). A shank of several (``one_of_many``) whose peaks cannot be fitted (too few,
+    all at one depth) gets zero motion, logged; a probe's own fit failing fails the stage."""
+    fit = None
+    if len(time_s) >= MIN_PEAKS or not one_of_many:
+        try:
+            fit = estimate_motion(time_s, depth_um, amplitude, params, seed=spec.policy.seed, device=run.device,
+                                  progress=run.progress(params.training_steps, unit="steps"))
+        except BadInputError as exc:
+            if not one_of_many:
+                raise
+            log.warning("motion on %s: %s%s: that shank is not corrected", spec.nwb_path, what, exc.message)
+    else:
         log.warning("motion on %s: %s%d peaks, fewer than the %d a fit needs: that shank is not corrected",
                     spec.nwb_path, what, len(time_s), MIN_PEAKS)
-        motion, fit = Motion(np.array([0.0]), np.array([0.0]), np.zeros((1, 1), np.float32)), None
-    else:
-        fit = estimate_motion(time_s, depth_um, amplitude, params, seed=spec.policy.seed, device=run.device,
-                              progress=run.progress(params.training_steps, unit="steps"))
-        motion = fit.motion
+    motion = fit.motion if fit is not None else Motion(np.array([0.0]), np.array([0.0]), np.zeros((1, 1), np.float32))
     stem = Path(MOTION_NPZ).stem + suffix
     npz, png = run.directory / f"{stem}.npz", run.directory / f"{Path(MOTION_PNG).stem}{suffix}.png"
     with atomic_path(npz, suffix=".npz") as tmp:
