@@ -119,3 +119,22 @@ def test_synthetic_saturation_is_clipped_at_the_rails_and_found(saturated, tmp_p
     assert np.all(truth[:, 0] - found[:, 0] <= pad) and np.all(found[:, 1] - truth[:, 1] <= pad)
     record.save(tmp_path)
     assert PreprocessedRecording.load(tmp_path).saturated_periods == record.saturated_periods
+
+
+def test_a_recording_saturated_throughout_is_refused_naming_its_file(tmp_path):
+    """Traces beyond the levels everywhere (e.g. a wrong data type or conversion): a clear error naming the
+    file and series (the source knows them), not a singular whitening."""
+    from nwbflow.errors import BadInputError
+
+    class NamedSource(ArraySource):
+        file_path, object_path = tmp_path / "session.nwb", "acquisition/ElectricalSeries"
+
+    traces = np.where(np.arange(30000)[:, None] % 2 == 0, 3000.0, -3000.0) * np.ones((1, 24), np.float32)
+    traces = (traces + np.random.default_rng(7).normal(0, 10, traces.shape)).astype(np.float32)
+    params = PreprocessParams(bad_channels={"detect": False})  # alternating rails: every channel is odd too
+    with pytest.raises(BadInputError, match="zeroed as saturated") as raised:
+        preprocess_to_binary(NamedSource(traces, RATE), params, tmp_path / "out.bin")
+    assert "session.nwb" in str(raised.value) and "saturation.level_uv" in str(raised.value)
+    with pytest.raises(BadInputError, match="every channel was labelled bad") as raised:
+        preprocess_to_binary(NamedSource(traces, RATE), PreprocessParams(), tmp_path / "out.bin")
+    assert "session.nwb" in str(raised.value)

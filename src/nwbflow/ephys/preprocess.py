@@ -345,6 +345,12 @@ def estimate_covariance(source: TraceSource, ranges: np.ndarray, sos: np.ndarray
             backoff.run(step, int(start), int(end))
     if saturation is not None:
         count -= int(np.sum(np.diff(saturation.periods(), axis=1)))
+        if count <= 0:
+            raise BadInputError("every chunk sampled for the whitening was zeroed as saturated or artifact: the "
+                                "traces are beyond preprocess.saturation's levels throughout",
+                                fix="check the series' scaling (conversion, data type), or raise "
+                                    "preprocess.saturation.level_uv / jump_uv_per_ms, or set "
+                                    "preprocess.saturation.detect=false")
     return cov.cpu().numpy() / max(count, 1)
 
 
@@ -447,6 +453,10 @@ def detect_bad_channels(source: TraceSource, params: BadChannelParams, positions
     if found.indices.size:
         log.warning("bad channels (left out of the common reference, whitening, detection and sorting): %s",
                     "; ".join(f"{name} {channels}" for name, channels in found.by_label().items() if channels))
+    if found.indices.size >= source.num_channels:
+        raise BadInputError("every channel was labelled bad (dead, noisy or outside the brain): nothing is left "
+                            "to reference, whiten or sort", fix="check the series' scaling and channels, or set "
+                                                                "preprocess.bad_channels.detect=false")
     if found.indices.size > source.num_channels / 3:
         log.warning("over a third of the channels were labelled bad: the labels may be wrong where so many are")
     return found
@@ -508,10 +518,23 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
         channel, local whitening without positions, or NaN/Inf in the raw
         traces (naming the samples).
     """
+    try:
+        return _preprocess_to_binary(source, params, Path(out_path), chunk_duration_s, seed, progress,
+                                     torch.device(device), channel_positions_um, sample_shifts, clock, shank_ids)
+    except BadInputError as exc:  # name the file and series when the source knows them (an NWB series does)
+        if exc.path is not None or getattr(source, "file_path", None) is None:
+            raise
+        raise BadInputError(exc.message, path=source.file_path, obj=getattr(source, "object_path", None),
+                            fix=exc.fix) from exc
+
+
+def _preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path: Path, chunk_duration_s: float,
+                          seed: int, progress: ProgressFn | None, device: torch.device,
+                          channel_positions_um: np.ndarray | None, sample_shifts: np.ndarray | None,
+                          clock: SessionClock | None, shank_ids: np.ndarray | None) -> PreprocessedRecording:
     _check_source(source, params)
     positions = _positions_for(source, params, channel_positions_um)
     shifts = _shifts_for(source, params, sample_shifts)
-    device = torch.device(device)
     fs = float(source.sampling_rate_hz)
     _, margin = _band(params, fs)
     chunk_samples = _streaming_chunk_samples(max(int(round(chunk_duration_s * fs)), 1), margin,
@@ -519,7 +542,6 @@ def preprocess_to_binary(source: TraceSource, params: PreprocessParams, out_path
     backoff = OomBackoff(chunk_samples, min_chunk_samples=min(2 * margin, chunk_samples), device=device)
     started = time.perf_counter()
     estimates = _estimate(source, params, positions, seed, device, backoff, shifts)
-    out_path = Path(out_path)
     streams = torch.get_num_threads() if device.type == "cpu" else 1
     kernel = estimates.kernel(params, device, fs)
     stream_to_binary(source, out_path, kernel, backoff, progress, streams=streams, dtype=params.output_dtype)
