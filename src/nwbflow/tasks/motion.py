@@ -86,7 +86,7 @@ def motion_task(spec: StageSpec, params: MotionParams, upstream: dict[str, Stage
                    "time_bins": max(len(m.time_bins_s) for m in motions),
                    "depth_bins": max(len(m.depth_bins_um) for m in motions),
                    "max_abs_displacement_um": round(max(float(np.abs(m.displacement_um).max()) for m in motions), 1),
-                   "final_loss": round(float(np.mean([f.losses[-50:].mean() for f in fitted])), 4)}
+                   "final_loss": round(float(np.mean([f.losses[-50:].mean() for f in fitted])), 4) if fitted else None}
         if len(labels) > 1:
             summary["shanks"] = len(labels)
             summary["shanks_without_fit"] = [str(label) for label, fit in zip(labels, fits) if fit is None]
