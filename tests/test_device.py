@@ -58,3 +58,21 @@ def test_malloc_settings_from_the_environment_are_left_in_charge():
     tune = "from nwbflow.device import tune_host_allocator; print(tune_host_allocator())"
     assert _run(tune) == "True"
     assert _run(tune, MALLOC_TOP_PAD_="1") == "False"
+
+
+def test_freed_heap_memory_goes_back_to_the_os_at_most_once_per_interval(monkeypatch):
+    import nwbflow.device as device_module
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    calls = []
+    monkeypatch.setattr(device_module, "_malloc_trim", lambda: (lambda pad: calls.append(pad) or 1))
+    monkeypatch.setattr(device_module, "_last_trim_s", [float("-inf")])
+    assert device_module.release_freed_host_memory(60.0)
+    assert not device_module.release_freed_host_memory(60.0)  # within the interval: not again
+    assert device_module.release_freed_host_memory()  # a stage's end: always
+    assert calls == [0, 0]
+    seen = []
+    backoff = device_module.OomBackoff(10)
+    monkeypatch.setattr(device_module, "_last_trim_s", [float("-inf")])
+    backoff.run(lambda lo, hi: seen.append((lo, hi)), 0, 30)
+    assert seen == [(0, 10), (10, 20), (20, 30)] and calls == [0, 0, 0]  # one trim for three quick steps

@@ -119,3 +119,29 @@ def test_prototypes_keep_their_trough_where_the_waveforms_were_aligned():
     torch.testing.assert_close(prototypes.norm(dim=1), torch.ones(len(prototypes)))
     cosine = prototypes.double() @ torch.as_tensor(_waveform() / np.linalg.norm(_waveform()))
     assert float(cosine.max()) > 0.99
+
+
+def test_footprint_scores_at_neuropixels_scale_equal_the_dense_sums(device):
+    # 384 channels: footprint sums go through blocks of nearby channels (LocalMatrix), not the dense product;
+    # the normalised best score, hence the detections, must be the dense computation's.
+    positions = np.stack([np.tile([0.0, 32.0], 192) + np.repeat(np.arange(192) % 2 * 16.0, 2),
+                          np.repeat(np.arange(192) * 20.0, 2)], axis=1)
+    rng = np.random.default_rng(4)
+    traces = rng.standard_normal((20_000, 384)).astype(np.float32)
+    for sample, channel in zip(rng.integers(200, 19_800, 60), rng.integers(0, 384, 60)):
+        near = np.abs(positions[:, 1] - positions[channel, 1]) <= 40.0
+        traces[sample - BEFORE: sample - BEFORE + WIDTH, near] += 6.0 * _waveform()[:, None]
+    prototypes = waveform_prototypes(torch.as_tensor(np.stack([_waveform()] * 20), dtype=torch.float32,
+                                                     device=device), BEFORE, seed=0)
+    detector = FootprintDetector.build(prototypes, BEFORE, positions, FS, 5.0)
+    assert detector.footprints.dense is None
+    x = torch.as_tensor(traces, device=device)
+    raw = detector.raw_scores(x)  # (P, F, L, C), through the blocks
+    dense = torch.as_tensor(np.asarray(detector.footprints.apply(torch.eye(384, device=device)).cpu()),
+                            device=device)  # the matrix itself, row c * F + f
+    filtered = detection.correlate_valid(x, prototypes)
+    expected = torch.stack([(dense @ one).view(384, len(detection.FOOTPRINT_SIGMAS_UM), -1).permute(1, 2, 0)
+                            for one in filtered])
+    torch.testing.assert_close(raw, expected, rtol=0, atol=2e-4)  # float32 sums of ~100 terms of size ~5
+    rows, channels = detector.detect(x, (WIDTH, 20_000 - WIDTH))
+    assert len(rows) >= 40

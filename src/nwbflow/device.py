@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import platform
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -83,6 +84,35 @@ def tune_host_allocator() -> bool:
     return not refused
 
 
+#: Least time (s) between two calls of ``malloc_trim`` by :func:`release_freed_host_memory` from chunk loops.
+HOST_TRIM_INTERVAL_S = 30.0
+_last_trim_s = [float("-inf")]
+
+
+def release_freed_host_memory(min_interval_s: float = 0.0) -> bool:
+    """Give the pages of freed heap blocks back to the OS (glibc's ``malloc_trim(0)``); True when called.
+
+    :func:`tune_host_allocator` keeps tensors off fresh mappings, so a freed block returns to the heap, not
+    to the OS, and only its top is trimmed. A stage's chunk loop leaves small long-lived arrays (the spikes
+    found so far) between freed chunk-sized blocks: on the 300 s, 384-channel session the sorting stage's
+    RSS reached 3.5 GB where its live data never exceeded ~1.5 GB, and it grew with the recording's length.
+    ``malloc_trim(0)`` releases every free page inside the heap too; the pages fault back in when reused,
+    so chunk loops call it at most every ``min_interval_s`` (:data:`HOST_TRIM_INTERVAL_S`; :class:`OomBackoff`
+    does after a step) and a stage once when it ends. Does nothing off glibc.
+    """
+    now = time.monotonic()
+    if now - _last_trim_s[0] < min_interval_s or platform.libc_ver()[0] != "glibc":
+        return False
+    _last_trim_s[0] = now
+    _malloc_trim()(0)
+    return True
+
+
+@functools.cache
+def _malloc_trim():
+    return ctypes.CDLL(None).malloc_trim
+
+
 #: What torch's CPU allocator says when the host has no memory left (it raises a plain RuntimeError).
 HOST_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
 
@@ -155,6 +185,7 @@ class OomBackoff:
                 failed = describe(exc)
             else:
                 lo = hi
+                release_freed_host_memory(HOST_TRIM_INTERVAL_S)
                 continue
             # Outside the except block: the exception and the frames holding the chunk's tensors are gone.
             self.halve(lo, hi, failed)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from prefect.concurrency.sync import concurrency
 
-from nwbflow.device import torch_threads, tune_host_allocator
+from nwbflow.device import release_freed_host_memory, torch_threads, tune_host_allocator
 from nwbflow.errors import BadInputError
 from nwbflow.locks import directory_lock
 from nwbflow.nwb_io.provenance import ProvenanceRecord
@@ -168,6 +168,7 @@ class StageRun:
 
     def __exit__(self, *exc_info) -> None:
         self._stack.close()
+        release_freed_host_memory()  # what the stage freed goes back to the OS before the next stage
 
     def enter(self, context):
         """Enter ``context`` (e.g. an open NWB session) for the rest of the block; returns what it gives."""

@@ -48,6 +48,7 @@ import torch
 
 from nwbflow.ephys.chunks import TraceSource, sample_chunk_ranges
 from nwbflow.ephys.filtering import correlate_valid
+from nwbflow.ephys.local_matrix import LocalMatrix, depth_keys
 from nwbflow.ephys.localize import neighbour_table
 from nwbflow.ephys.noise import MAD_TO_SD, robust_noise_levels
 from nwbflow.ephys.peaks import DetectionTables, first_of_ties, neighbourhood_maxima
@@ -134,7 +135,7 @@ class FootprintDetector:
     """Footprint detection's constants, on the device (build with :meth:`build`, then :meth:`measured`)."""
 
     prototypes: torch.Tensor  # (P, T), unit norm
-    footprints: torch.Tensor  # (F * C, C): row f * C + c holds footprint f centred on channel c, unit norm
+    footprints: LocalMatrix   # (C * F, C), groups of F: row c * F + f holds footprint f centred on channel c
     noise: torch.Tensor       # (P, F) noise SD of each score
     before: int               # row of the prototypes' trough
     tables: DetectionTables   # threshold, exclusion and sweep on the normalised scores
@@ -149,27 +150,27 @@ class FootprintDetector:
         num_channels = len(positions)
         neighbours, valid = neighbour_table(positions, FOOTPRINT_CUTOFF_SIGMAS * max(FOOTPRINT_SIGMAS_UM))
         distance = np.linalg.norm(positions[neighbours] - positions[:, None], axis=2)  # (C, K)
-        footprints = np.zeros((len(FOOTPRINT_SIGMAS_UM), num_channels, num_channels))
+        footprints = np.zeros((num_channels, len(FOOTPRINT_SIGMAS_UM), num_channels))
         for index, sigma in enumerate(FOOTPRINT_SIGMAS_UM):
             weights = np.exp(-0.5 * (distance / sigma) ** 2) * valid
-            np.add.at(footprints[index], (np.arange(num_channels)[:, None], neighbours), weights)
+            np.add.at(footprints[:, index], (np.arange(num_channels)[:, None], neighbours), weights)
         footprints /= np.linalg.norm(footprints, axis=2, keepdims=True)
         tables = DetectionTables.build(positions, sampling_rate_hz, threshold=threshold, peak_sign="neg",
                                        exclusion_radius_um=EXCLUSION_UM, sweep_ms=FOOTPRINT_SWEEP_MS,
                                        noise_levels=np.ones(num_channels), device=device)
-        return cls(prototypes, torch.as_tensor(footprints.reshape(-1, num_channels), dtype=torch.float32,
-                                               device=device),
-                   torch.ones((len(prototypes), len(FOOTPRINT_SIGMAS_UM)), device=device), before, tables)
+        local = LocalMatrix.build(footprints.reshape(-1, num_channels), depth_keys(positions),
+                                  len(FOOTPRINT_SIGMAS_UM), device)
+        return cls(prototypes, local, torch.ones((len(prototypes), len(FOOTPRINT_SIGMAS_UM)), device=device),
+                   before, tables)
 
     def raw_scores(self, traces: torch.Tensor) -> torch.Tensor:
         """(P, F, L, C) scores of ``traces`` (S, C), L = S - T + 1; row t is the trough at t + before.
 
         The correlation with the prototypes is :func:`correlate_valid` (one FFT of the traces); the
-        footprint sums are one matrix product per prototype."""
-        filtered = correlate_valid(traces, self.prototypes)  # (P, C, L)
-        length = filtered.shape[2]
-        return torch.stack([(self.footprints @ one).view(len(FOOTPRINT_SIGMAS_UM), -1, length).transpose(1, 2)
-                            for one in filtered])
+        footprint sums are one local product per prototype (:class:`~nwbflow.ephys.local_matrix.LocalMatrix`)."""
+        num_channels = traces.shape[1]
+        return torch.stack([self.footprints.apply(one).view(num_channels, len(FOOTPRINT_SIGMAS_UM), -1)
+                            .permute(1, 2, 0) for one in correlate_valid(traces, self.prototypes)])
 
     def measured(self, noise_chunks: SampledChunks) -> FootprintDetector:
         """The same detector with each score's noise SD (MAD / ``MAD_TO_SD``) measured on the sampled
@@ -186,7 +187,10 @@ class FootprintDetector:
     def detect(self, traces: torch.Tensor, core: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Trough rows and centre channels of the spikes in ``traces`` (S, C) whose row is in ``core``
         = [lo, hi); ``core`` must leave a template's width on both sides."""
-        best = (self.raw_scores(traces) / self.noise[:, :, None, None]).amax(dim=(0, 1))  # (L, C)
+        best = None  # (L, C): best normalised score over prototypes and footprints, one prototype at a time
+        for prototype, filtered in enumerate(correlate_valid(traces, self.prototypes)):
+            scores = self.footprints.group_maxima(filtered, self.noise[prototype])
+            best = scores if best is None else torch.maximum(best, scores, out=best)
         oriented = torch.zeros_like(traces)  # row r: the spike whose trough is at r (negative: peak detection)
         oriented[self.before: self.before + best.shape[0]] = -best
         rows, channels = neighbourhood_maxima(oriented, self.tables)
