@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import nwbflow.ephys.local_matrix as local_matrix
 import nwbflow.ephys.sorting.detection as detection
 from nwbflow.ephys.chunks import ArraySource
 from nwbflow.ephys.sorting.detection import (FootprintDetector, detect_in_window, threshold_tables,
@@ -121,9 +122,9 @@ def test_prototypes_keep_their_trough_where_the_waveforms_were_aligned():
     assert float(cosine.max()) > 0.99
 
 
-def test_footprint_scores_at_neuropixels_scale_equal_the_dense_sums(device):
+def test_footprint_scores_at_neuropixels_scale_equal_the_dense_sums(device, monkeypatch):
     # 384 channels: footprint sums go through blocks of nearby channels (LocalMatrix), not the dense product;
-    # the normalised best score, hence the detections, must be the dense computation's.
+    # the scores and the detections must be those of the dense product (LocalMatrix forced dense below).
     positions = np.stack([np.tile([0.0, 32.0], 192) + np.repeat(np.arange(192) % 2 * 16.0, 2),
                           np.repeat(np.arange(192) * 20.0, 2)], axis=1)
     rng = np.random.default_rng(4)
@@ -133,15 +134,15 @@ def test_footprint_scores_at_neuropixels_scale_equal_the_dense_sums(device):
         traces[sample - BEFORE: sample - BEFORE + WIDTH, near] += 6.0 * _waveform()[:, None]
     prototypes = waveform_prototypes(torch.as_tensor(np.stack([_waveform()] * 20), dtype=torch.float32,
                                                      device=device), BEFORE, seed=0)
-    detector = FootprintDetector.build(prototypes, BEFORE, positions, FS, 5.0)
-    assert detector.footprints.dense is None
+    blocked = FootprintDetector.build(prototypes, BEFORE, positions, FS, 5.0)
+    monkeypatch.setattr(local_matrix, "MAX_READ_FRACTION", 0.0)  # blocks never pay: the dense product
+    dense = FootprintDetector.build(prototypes, BEFORE, positions, FS, 5.0)
+    assert blocked.footprints.dense is None and dense.footprints.dense is not None
     x = torch.as_tensor(traces, device=device)
-    raw = detector.raw_scores(x)  # (P, F, L, C), through the blocks
-    dense = torch.as_tensor(np.asarray(detector.footprints.apply(torch.eye(384, device=device)).cpu()),
-                            device=device)  # the matrix itself, row c * F + f
-    filtered = detection.correlate_valid(x, prototypes)
-    expected = torch.stack([(dense @ one).view(384, len(detection.FOOTPRINT_SIGMAS_UM), -1).permute(1, 2, 0)
-                            for one in filtered])
-    torch.testing.assert_close(raw, expected, rtol=0, atol=2e-4)  # float32 sums of ~100 terms of size ~5
-    rows, channels = detector.detect(x, (WIDTH, 20_000 - WIDTH))
-    assert len(rows) >= 40
+    # float32 sums of ~30 terms of size ~5 in another order
+    torch.testing.assert_close(blocked.raw_scores(x), dense.raw_scores(x), rtol=0, atol=2e-4)
+    core = (WIDTH, 20_000 - WIDTH)
+    found, expected = blocked.detect(x, core), dense.detect(x, core)
+    assert len(expected[0]) >= 40
+    for ours, theirs in zip(found, expected):
+        assert torch.equal(ours, theirs)

@@ -101,16 +101,18 @@ def release_freed_host_memory(min_interval_s: float = 0.0) -> bool:
     does after a step) and a stage once when it ends. Does nothing off glibc.
     """
     now = time.monotonic()
-    if now - _last_trim_s[0] < min_interval_s or platform.libc_ver()[0] != "glibc":
+    trim = _malloc_trim()
+    if trim is None or now - _last_trim_s[0] < min_interval_s:
         return False
     _last_trim_s[0] = now
-    _malloc_trim()(0)
+    trim(0)
     return True
 
 
 @functools.cache
-def _malloc_trim():
-    return ctypes.CDLL(None).malloc_trim
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, None elsewhere (looked up once: ``platform.libc_ver`` reads the executable)."""
+    return ctypes.CDLL(None).malloc_trim if platform.libc_ver()[0] == "glibc" else None
 
 
 #: What torch's CPU allocator says when the host has no memory left (it raises a plain RuntimeError).

@@ -32,7 +32,6 @@ class LocalMatrix:
 
     Attributes
     ----------
-    shape : (rows, columns)
     group : int
     dense : (rows, columns) tensor or None
         Kept when blocks would not pay (then the product is dense).
@@ -44,7 +43,6 @@ class LocalMatrix:
         Where each row lands among the stacked blocks' rows (``arange`` when dense).
     """
 
-    shape: tuple[int, int]
     group: int
     dense: torch.Tensor | None
     weights: torch.Tensor | None
@@ -66,8 +64,7 @@ class LocalMatrix:
         reads = [np.flatnonzero(np.any(matrix[block] != 0, axis=0)) for block in blocks]
         width, block_rows = max((len(r) for r in reads), default=0), groups_per_block * group
         if width == 0 or len(blocks) * block_rows * width > MAX_READ_FRACTION * rows * num_columns:
-            return cls((rows, num_columns), group, torch.as_tensor(matrix, device=device), None, None,
-                       torch.arange(rows, device=device))
+            return cls(group, torch.as_tensor(matrix, device=device), None, None, torch.arange(rows, device=device))
         weights = np.zeros((len(blocks), block_rows, width), dtype=np.float32)
         columns = np.zeros((len(blocks), width), dtype=np.int64)
         slots = np.zeros(rows, dtype=np.int64)
@@ -75,7 +72,7 @@ class LocalMatrix:
             columns[index] = np.concatenate([read, np.full(width - len(read), read[0] if len(read) else 0)])
             weights[index, :len(block), :len(read)] = matrix[np.ix_(block, read)]
             slots[block] = index * block_rows + np.arange(len(block))
-        return cls((rows, num_columns), group, None, torch.as_tensor(weights, device=device),
+        return cls(group, None, torch.as_tensor(weights, device=device),
                    torch.as_tensor(columns, device=device), torch.as_tensor(slots, device=device))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
